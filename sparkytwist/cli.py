@@ -1,0 +1,93 @@
+# -*- test-case-name: tests.test_cli -*-
+"""The ``sparkytwist`` command: keys, token inspection for support staff, sample config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+from sparkytwist.config import ConfigError, load_settings, sample_ini
+from sparkytwist.token import (
+    TokenCodec,
+    TokenError,
+    decode_legacy,
+    load_or_create_key_file,
+    new_key_spec,
+)
+
+
+def token_from(text: str) -> tuple[str, bool]:
+    """The token in a tracking URL (or a bare token), and whether it is a legacy one."""
+    text = text.strip()
+    if "://" not in text:
+        return text, False
+    path = urlsplit(text).path
+    legacy = "/tracking/open/" in path or "/tracking/click/" in path
+    return path.rstrip("/").rsplit("/", 1)[-1], legacy
+
+
+def _codec(config: str | None) -> TokenCodec:
+    settings = load_settings(config, os.environ)
+    specs = settings.token_keys
+    if not specs:
+        if not os.path.exists(settings.token_key_file):
+            raise ConfigError("token_keys: not set, and no key file at "
+                              f"{settings.token_key_file}")
+        specs = load_or_create_key_file(settings.token_key_file)
+    return TokenCodec.from_specs(specs, accept_legacy=True)
+
+
+def decode_command(args: argparse.Namespace) -> int:
+    token, legacy = token_from(args.token)
+    try:
+        tracking = decode_legacy(token) if legacy else _codec(args.config).decode(token)
+    except TokenError as e:
+        if legacy:
+            print(f"not a valid legacy token: {e}", file=sys.stderr)
+            return 1
+        try:  # a bare legacy token pasted without its URL
+            tracking = decode_legacy(token)
+        except TokenError:
+            print(f"not a valid token: {e}", file=sys.stderr)
+            return 1
+    print(json.dumps({
+        "event_type": tracking.event_type,
+        "action": tracking.action,
+        "message_id": tracking.message_id,
+        "rcpt": tracking.rcpt,
+        "url": tracking.url,
+    }, indent=2, ensure_ascii=False))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sparkytwist", description=__doc__)
+    parser.add_argument("-c", "--config", help="ini file (as for twistd sparkytrack)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    keygen = commands.add_parser("keygen", help="print a new token key as kid:base64key")
+    keygen.add_argument("--kid", type=int, default=1, choices=range(256), metavar="0-255")
+    token = commands.add_parser("token", help="inspect tracking tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    decode = token_commands.add_parser("decode", help="show what a token or tracking URL says")
+    decode.add_argument("token", help="the token, or the whole tracking URL")
+    commands.add_parser("sample-config", help="print an ini file with every setting")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "keygen":
+            print(new_key_spec(args.kid))
+            return 0
+        if args.command == "sample-config":
+            sys.stdout.write(sample_ini())
+            return 0
+        return decode_command(args)
+    except ConfigError as e:
+        print(f"sparkytwist: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

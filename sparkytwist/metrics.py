@@ -1,0 +1,52 @@
+# -*- test-case-name: tests.test_admin -*-
+"""Prometheus metrics for one running service, in a registry of its own.
+
+Not prometheus-client's global registry: each service (and each test) gets a
+fresh :class:`Metrics`, so nothing leaks between them and parts register their own
+series when they are built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+NAMESPACE = "sparkytwist"
+
+
+class Metrics:
+    """The registry plus get-or-create helpers, so two parts can share a series."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._counters: dict[str, Counter] = {}
+        self._gauges: dict[str, Gauge] = {}
+        self._histograms: dict[str, Histogram] = {}
+
+    def counter(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
+        if name not in self._counters:
+            self._counters[name] = Counter(
+                name, documentation, labelnames=labels, namespace=NAMESPACE,
+                registry=self.registry)
+        return self._counters[name]
+
+    def gauge(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Gauge:
+        if name not in self._gauges:
+            self._gauges[name] = Gauge(
+                name, documentation, labelnames=labels, namespace=NAMESPACE,
+                registry=self.registry)
+        return self._gauges[name]
+
+    def histogram(
+        self, name: str, documentation: str, buckets: Sequence[float], labels: Sequence[str] = ()
+    ) -> Histogram:
+        if name not in self._histograms:
+            self._histograms[name] = Histogram(
+                name, documentation, labelnames=labels, namespace=NAMESPACE,
+                buckets=buckets, registry=self.registry)
+        return self._histograms[name]
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every series."""
+        return generate_latest(self.registry)
