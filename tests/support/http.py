@@ -26,3 +26,18 @@ def wait_for_status(url: str, status: int, timeout: float) -> tuple[int, bytes]:
         if answer[0] == status or time.monotonic() > deadline:
             return answer
         time.sleep(0.1)
+
+
+def http_client(test: object) -> object:
+    """A treq HTTPClient without kept-alive connections, closed in the test's cleanup.
+
+    treq's default pool keeps connections open past the test, which trial reports
+    as a dirty reactor.
+    """
+    from treq.client import HTTPClient
+    from twisted.internet import reactor
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    test.addCleanup(pool.closeCachedConnections)  # type: ignore[attr-defined]
+    return HTTPClient(Agent(reactor, pool=pool))
