@@ -138,8 +138,11 @@ class Redis:
         if self._sentinels:
             pairs = [(h, int(p)) for h, _, p in (s.rpartition(":") for s in self._sentinels)]
             self._sentinel_manager = txredisapi.Sentinel(pairs, connectTimeout=self.timeout)
+            # master_for takes no connectTimeout: discovery has its own timeout.
+            del common["connectTimeout"]
             handler = self._sentinel_manager.master_for(
-                self._master, password=self._password or None, **common)
+                self._master, factory_class=_bytes_sentinel_factory(),
+                password=self._password or None, **common)
         else:
             address = RedisAddress.from_url(self._url)
             credentials: dict[str, Any] = {"password": address.password,
@@ -187,3 +190,23 @@ class Redis:
         if self._sentinel_manager is not None:
             await self._sentinel_manager.disconnect()
             self._sentinel_manager = None
+
+
+def _bytes_sentinel_factory() -> Any:
+    """txredisapi's Sentinel factory, made to work with bytes replies.
+
+    Its protocol checks ``ROLE`` against the str ``"master"``; with ``charset=None``
+    the reply is ``b"master"``, so every connection was dropped as "not a master".
+    """
+    import txredisapi
+
+    class BytesRoleProtocol(txredisapi.SentinelRedisProtocol):  # type: ignore[misc]
+        def role(self) -> defer.Deferred[Any]:
+            d: defer.Deferred[Any] = super().role()
+            return d.addCallback(
+                lambda r: [r[0].decode(), *r[1:]] if r and isinstance(r[0], bytes) else r)
+
+    class BytesSentinelFactory(txredisapi.SentinelConnectionFactory):  # type: ignore[misc]
+        protocol = BytesRoleProtocol
+
+    return BytesSentinelFactory

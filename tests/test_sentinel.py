@@ -1,0 +1,64 @@
+"""Redis through Sentinel: the master is discovered and used (real redis-server --sentinel)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from sparkytwist.embedded import find_redis_server, free_loopback_port
+from sparkytwist.redis import Redis
+from tests.support.redis import private_server
+
+
+def wait_for_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+class SentinelTests(TestCase):
+    timeout = 60
+
+    def start_sentinel(self, master_port: int) -> int:
+        directory = tempfile.mkdtemp(prefix="sparky-sentinel-")
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        port = free_loopback_port()
+        conf = os.path.join(directory, "sentinel.conf")
+        with open(conf, "w") as f:
+            f.write(f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+                    f"sentinel monitor mymaster 127.0.0.1 {master_port} 1\n")
+        process = subprocess.Popen([find_redis_server(), conf, "--sentinel"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def stop() -> None:
+            process.terminate()
+            process.wait(10)
+
+        self.addCleanup(stop)
+        wait_for_port(port, 10)
+        return port
+
+    async def test_master_discovered_through_sentinel(self) -> None:
+        master = private_server()
+        master.start()
+        self.addCleanup(master.stop)
+        sentinel_port = self.start_sentinel(master.port)
+        redis = Redis(timeout=5, clock=reactor, sentinels=(f"127.0.0.1:{sentinel_port}",),
+                      master="mymaster")
+        redis.open()
+        self.addCleanup(redis.close)
+        await redis.execute("SET", "via", "sentinel")
+        self.assertEqual(await redis.execute("GET", "via"), b"sentinel")
+        self.assertIn("sentinel master 'mymaster'", redis.address)
