@@ -17,7 +17,7 @@ run: $(STAMP)
 	$(BIN)/twistd -n --pidfile= sparkytrack $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check sparkytwist tests bench twisted
+	$(BIN)/ruff check .
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
