@@ -122,6 +122,9 @@ class RedisServer:
                 [binary, str(conf)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, close_fds=True,
+                # Its own session: a Ctrl-C in the terminal reaches twistd only, which
+                # stops the parts (they may still flush to Redis) and then this server.
+                start_new_session=True,
             )
         except OSError as e:
             self._release_lock()
