@@ -35,7 +35,12 @@ _log = Logger()
 
 #: Where each part's factory lives: ``make_service(ctx) -> IService | str`` (a str is
 #: the reason the part cannot run with these settings). Imported only when enabled.
-PART_FACTORIES: Mapping[str, str] = MappingProxyType({})
+PART_FACTORIES: Mapping[str, str] = MappingProxyType({
+    "tracker": "sparkytwist.tracker.service:make_service",
+    "feeder": "sparkytwist.feeder.service:make_service",
+    "wrapper": "sparkytwist.smtp.service:make_service",
+    "accounting": "sparkytwist.accounting.service:make_service",
+})
 
 
 def settings_parameters() -> list[list[Any]]:

@@ -39,6 +39,8 @@ ACTIONS = {
 CLICK_ACTIONS = frozenset({"c", "h", "ac"})
 _LEGACY_ACTIONS = {"o": "o", "i": "i", "c": "c"}
 _URLSAFE_TO_STD = str.maketrans("-_", "+/")
+#: A JSON string literal exactly as json.dumps(..., ensure_ascii=False) writes it.
+_json_str = json.encoder.encode_basestring
 _MESSAGE_ID = re.compile(r"^[0-9a-f]{20}$")
 #: Longest token we try to decode: a URL of ~8 kB is already more than mail carries.
 MAX_TOKEN_LEN = 12_000
@@ -124,14 +126,17 @@ class TokenCodec:
     def encode(self, action: str, message_id: str, rcpt: str, url: str | None = None) -> str:
         if action not in ACTIONS:
             raise ValueError(f"unknown action {action!r}")
-        body: dict[str, str] = {"a": action}
+        # The compact JSON written by hand: json.dumps costs 2.5 µs of the ~5 µs a
+        # token takes, and the wrapper makes ~40 tokens per message per recipient.
         if action in CLICK_ACTIONS and action != "h":
             if url is None:
                 raise ValueError("a click token needs its URL")
-            body["u"] = url
-        body["m"] = message_id
-        body["r"] = rcpt
-        plain = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+            text = '{"a":"%s","u":%s,"m":%s,"r":%s}' % (  # noqa: UP031 - fastest
+                action, _json_str(url), _json_str(message_id), _json_str(rcpt))
+        else:
+            text = '{"a":"%s","m":%s,"r":%s}' % (  # noqa: UP031
+                action, _json_str(message_id), _json_str(rcpt))
+        plain = text.encode()
         sealed = self._ciphers[self._encrypt_kid].encrypt(plain, [self._header])
         return _b64url(self._header + sealed)
 
