@@ -125,6 +125,15 @@ class Redis:
         else:
             self.address = str(RedisAddress.from_url(url))
 
+    @property
+    def url(self) -> str:
+        """The URL connected to (with its password): for worker processes, never for logs."""
+        return self._url
+
+    @property
+    def sentinels(self) -> tuple[str, ...]:
+        return self._sentinels
+
     def open(self) -> None:
         """Connect lazily; txredisapi reconnects by itself after a loss."""
         import txredisapi
