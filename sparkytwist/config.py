@@ -259,6 +259,8 @@ class Settings:
     wrapper_enabled: bool = _setting(True, "wrapper", "run the SMTP wrapper", parse_bool)
     wrapper_endpoint: str = _setting(
         "tcp:5587:interface=127.0.0.1", "wrapper", "where the wrapper listens", parse_endpoint)
+    wrapper_workers: int = _setting(
+        1, "wrapper", "wrapper processes sharing the port (SO_REUSEPORT)", _int_in(1, 256))
     upstream: str = _setting(
         "127.0.0.1:25", "wrapper", "the MTA (PowerMTA) we relay to, host:port", parse_host_port)
     upstream_tls: str = _setting(
@@ -464,8 +466,10 @@ def check(settings: Settings) -> Settings:
         raise ConfigError("redis_url: give redis_url or redis_sentinels, not both")
     if settings.sink == "webhook" and not settings.webhook_url:
         raise ConfigError("webhook_url: sink = webhook needs webhook_url")
-    if settings.tracker_workers > 1 and not settings.tracker_endpoint.startswith("tcp"):
-        raise ConfigError("tracker_workers: several workers need a tcp: tracker_endpoint")
+    for part in ("tracker", "wrapper"):
+        endpoint = getattr(settings, f"{part}_endpoint")
+        if getattr(settings, f"{part}_workers") > 1 and not endpoint.startswith("tcp"):
+            raise ConfigError(f"{part}_workers: several workers need a tcp: {part}_endpoint")
     return settings
 
 

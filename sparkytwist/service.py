@@ -35,6 +35,8 @@ class Context:
     metrics: Metrics
     keys: Keys
     codec: TokenCodec
+    #: A worker process (sparkytwist.workers): listen on the shared port, spawn nothing.
+    worker: bool = False
 
 
 class RedisConnectionService(Service):

@@ -100,7 +100,8 @@ def token_codec(settings: Settings) -> TokenCodec:
 
 
 def build_core(
-    settings: Settings, reactor: Any, top: OrderedService, *, admin: bool = True
+    settings: Settings, reactor: Any, top: OrderedService, *, admin: bool = True,
+    worker: bool = False,
 ) -> Context:
     """Embedded Redis (if no URL), the Redis connection and the admin port, added to top."""
     url = settings.redis_url
@@ -114,7 +115,7 @@ def build_core(
                   password=settings.redis_password)
     RedisConnectionService(redis).setServiceParent(top)
     ctx = Context(settings=settings, reactor=reactor, redis=redis, metrics=Metrics(),
-                  keys=Keys(settings.redis_prefix), codec=token_codec(settings))
+                  keys=Keys(settings.redis_prefix), codec=token_codec(settings), worker=worker)
     if admin and settings.admin_enabled:
         from sparkytwist.admin import admin_site
 

@@ -217,8 +217,10 @@ class RawSocketTests(ProxyOnLoopback):
 
 
 class TwistdTests(SynchronousTestCase):
-    def test_sparkytrack_wrapper_relays_a_tracked_message(self) -> None:
-        """twistd sparkytrack with only the wrapper: a message reaches a sink, rewritten."""
+    def run_wrapper(self, *args: str, messages: int = 1,
+                    listeners: int = 1) -> tuple[bytes, int, str]:
+        """twistd sparkytrack with only the wrapper, relaying ``messages`` (one connection
+        each) to a sink process: (first message received, messages received, twistd log)."""
         workdir = Path(self.mktemp()).absolute()
         workdir.mkdir(parents=True)
         sink_port, wrapper_port = free_loopback_port(), free_loopback_port()
@@ -234,7 +236,10 @@ class TwistdTests(SynchronousTestCase):
              "interface='127.0.0.1');"
              "reactor.addSystemEventTrigger('before', 'shutdown', lambda: "
              "open(sys.argv[2], 'wb').write(f.transactions[0].data if f.transactions else b''));"
-             "reactor.run()", str(sink_port), str(workdir / "received.eml")],
+             "reactor.addSystemEventTrigger('before', 'shutdown', lambda: "
+             "open(sys.argv[3], 'w').write(str(len(f.transactions))));"
+             "reactor.run()", str(sink_port), str(workdir / "received.eml"),
+             str(workdir / "count")],
             cwd=Path(__file__).parent.parent, stdout=sink_log, stderr=subprocess.STDOUT, env=env)
         self.addCleanup(lambda: sink.poll() is None and sink.kill())
         log = open(workdir / "twistd.log", "wb")  # noqa: SIM115
@@ -244,27 +249,46 @@ class TwistdTests(SynchronousTestCase):
                    "--admin-endpoint", f"tcp:{free_loopback_port()}:interface=127.0.0.1",
                    "--wrapper-endpoint", f"tcp:{wrapper_port}:interface=127.0.0.1",
                    "--upstream", f"127.0.0.1:{sink_port}", "--upstream-tls", "off",
-                   "--tracking-base-url", BASE),
+                   "--tracking-base-url", BASE, *args),
             cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.addCleanup(lambda: process.poll() is None and process.kill())
         deadline = time.monotonic() + 30
-        while True:
-            try:
-                client = smtplib.SMTP("127.0.0.1", wrapper_port, timeout=10)
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise AssertionError((workdir / "twistd.log").read_text()) from None
-                time.sleep(0.1)
-        with client:
-            self.assertEqual(client.sendmail("s@example.com", ["fred@example.org"],
-                                             html_email()), {})
+        while (workdir / "twistd.log").read_text().count("wrapper listening on") < listeners:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise AssertionError((workdir / "twistd.log").read_text())
+            time.sleep(0.1)
+        for _ in range(messages):
+            while True:
+                try:
+                    client = smtplib.SMTP("127.0.0.1", wrapper_port, timeout=10)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or process.poll() is not None:
+                        raise AssertionError((workdir / "twistd.log").read_text()) from None
+                    time.sleep(0.1)
+            with client:
+                self.assertEqual(client.sendmail("s@example.com", ["fred@example.org"],
+                                                 html_email()), {})
         sink.terminate()
         sink.wait(10)
         process.terminate()
         process.wait(20)
-        received = (workdir / "received.eml").read_bytes()
+        return ((workdir / "received.eml").read_bytes(), int((workdir / "count").read_text()),
+                (workdir / "twistd.log").read_text())
+
+    def test_sparkytrack_wrapper_relays_a_tracked_message(self) -> None:
+        """twistd sparkytrack with only the wrapper: a message reaches a sink, rewritten."""
+        received, _, log = self.run_wrapper()
         self.assertRegex(received, rb"X-Sp-Message-Id: [0-9a-f]{20}\r\n")
         self.assertIn(BASE.encode() + b"/", received.replace(b"=\r\n", b""))
         self.assertNotIn(b'href="https://example.com/a"', received)
-        self.assertIn(b"wrapper listening on", (workdir / "twistd.log").read_bytes())
+        self.assertIn("wrapper listening on", log)
+
+    def test_two_wrapper_processes_share_the_port(self) -> None:
+        received, count, log = self.run_wrapper("--wrapper-workers", "2", messages=12,
+                                                listeners=2)
+        self.assertEqual(count, 12, log)
+        self.assertIn(BASE.encode() + b"/", received.replace(b"=\r\n", b""))
+        self.assertIn("wrapper worker", log)
+        self.assertEqual(log.count("(SO_REUSEPORT, pid"), 2, log)
+        self.assertIn("wrapper workers stopped", log)

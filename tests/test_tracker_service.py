@@ -13,8 +13,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sparkytwist.config import Settings
 from sparkytwist.embedded import free_loopback_port
+from sparkytwist.listen import parse_tcp_endpoint
 from sparkytwist.tracker.resource import PIXEL
-from sparkytwist.tracker.service import parse_tcp_endpoint, worker_environment
+from sparkytwist.workers import worker_environment
 from tests.support.http import wait_for_status
 from tests.support.processes import twistd
 from tests.test_tracker import KEY, token
@@ -53,11 +54,11 @@ class HelpersTests(SynchronousTestCase):
 
         settings = Settings(token_keys=(KEY,), per_ip_rate=5.0, trusted_proxies=("10.0.0.0/8",),
                             redis_timeout=0.5, sparkpost_api_key="secret")
-        env = worker_environment(settings, "redis://127.0.0.1:7777/0", "tcp:9999")
+        env = worker_environment(settings, "redis://127.0.0.1:7777/0",
+                                 {"tracker_endpoint": "tcp:9999"})
         again = load_settings(None, env)
         self.assertEqual(again.redis_url, "redis://127.0.0.1:7777/0")
         self.assertEqual(again.tracker_endpoint, "tcp:9999")
-        self.assertEqual(again.tracker_workers, 1)
         for name in ("token_keys", "per_ip_rate", "trusted_proxies", "redis_timeout",
                      "bot_events", "events_maxlen", "sparkpost_api_key"):
             self.assertEqual(getattr(again, name), getattr(settings, name), name)

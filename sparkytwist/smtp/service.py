@@ -8,11 +8,11 @@ import socket
 from twisted.application.service import IService
 
 from sparkytwist.config import Settings
-from sparkytwist.listen import ListeningService
 from sparkytwist.service import Context
 from sparkytwist.smtp import tls
 from sparkytwist.smtp.server import ProxyConfig, WrapperFactory
 from sparkytwist.smtp.stats import WrapperStats
+from sparkytwist.workers import listen_with_workers
 
 
 def proxy_config(settings: Settings) -> ProxyConfig | str:
@@ -53,4 +53,5 @@ def make_service(ctx: Context) -> IService | str:
     if isinstance(config, str):
         return config
     factory = WrapperFactory(config, ctx.codec, WrapperStats(ctx.metrics), ctx.reactor)
-    return ListeningService("wrapper", ctx.settings.wrapper_endpoint, factory, ctx.reactor)
+    return listen_with_workers(ctx, "wrapper", ctx.settings.wrapper_endpoint, factory,
+                               ctx.settings.wrapper_workers)
