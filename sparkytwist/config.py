@@ -293,7 +293,7 @@ class Settings:
         True, "accounting", "run the accounting reader inside sparkytrack", parse_bool)
     accounting_command: str = _setting(
         "", "accounting", "command whose stdout is PMTA accounting CSV, e.g. "
-        "tail -F -n0 /var/log/pmta/acct.csv; empty = not read in sparkytrack")
+        "tail -F -n +1 /var/log/pmta/acct.csv; empty = not read in sparkytrack")
     acct_ttl: float = _setting(
         10 * 86400.0, "accounting", "how long delivery facts are kept", parse_duration)
 
