@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # Editable in "compat" mode: PEP 660 editable installs hide twisted/plugins/ from twistd.
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check --quiet
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test lint typecheck unit bench demo clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,3 +32,6 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) _trial_temp* .mypy_cache .ruff_cache .hypothesis build *.egg-info
+
+demo: $(STAMP)
+	$(BIN)/python demo/run_demo.py
