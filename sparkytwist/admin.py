@@ -65,4 +65,5 @@ def admin_site(metrics: Metrics, redis: Redis) -> server.Site:
     root.putChild(b"healthz", HealthResource(redis))
     site = server.Site(root)
     site.displayTracebacks = False
+    site.noisy = False
     return site

@@ -96,6 +96,8 @@ class OrderedServiceTests(TestCase):
 class RunTests(SynchronousTestCase):
     """`twistd -n sparkytrack` with the embedded Redis, the way `make run` starts it."""
 
+    no_mta = free_loopback_port()  # nothing listens there: "no upstream MTA"
+
     def start(self, *args: str) -> tuple[subprocess.Popen[bytes], Path, int]:
         workdir = Path(self.mktemp()).absolute()
         workdir.mkdir(parents=True)
@@ -108,7 +110,7 @@ class RunTests(SynchronousTestCase):
             twistd("sparkytrack", "--admin-endpoint", f"tcp:{admin_port}:interface=127.0.0.1",
                    "--tracker-endpoint", f"tcp:{free_loopback_port()}:interface=127.0.0.1",
                    "--wrapper-endpoint", f"tcp:{free_loopback_port()}:interface=127.0.0.1",
-                   *args),
+                   "--upstream", f"127.0.0.1:{self.no_mta}", *args),
             cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.addCleanup(lambda: process.poll() is None and process.kill())
         return process, workdir, admin_port
@@ -132,6 +134,10 @@ class RunTests(SynchronousTestCase):
         self.assertIn("Embedded redis-server (pid", output)
         self.assertIn("admin listening on", output)
         self.assertIn("Embedded redis-server stopped", output)
+        # without an MTA or an Ingest key it says what is missing, and serves the rest
+        self.assertIn(f"the upstream MTA at 127.0.0.1:{self.no_mta} does not answer", output)
+        self.assertIn("feeder: not started: no SparkPost API key", output)
+        self.assertIn("running tracker, wrapper", output)
         deadline = time.monotonic() + 5
         while Path(f"/proc/{redis_pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -74,6 +74,8 @@ class ProxyConfig:
 class WrapperFactory(ServerFactory):
     """Builds a proxy per client; refuses clients over ``max_connections``."""
 
+    noisy = False  # ListeningService says where we listen
+
     def __init__(
         self,
         config: ProxyConfig,

@@ -4,15 +4,20 @@
 from __future__ import annotations
 
 import socket
+from typing import Any
 
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import defer
+from twisted.logger import Logger
 
 from sparkytwist.config import Settings
 from sparkytwist.service import Context
-from sparkytwist.smtp import tls
+from sparkytwist.smtp import tls, upstream
 from sparkytwist.smtp.server import ProxyConfig, WrapperFactory
 from sparkytwist.smtp.stats import WrapperStats
 from sparkytwist.workers import listen_with_workers
+
+_log = Logger()
 
 
 def proxy_config(settings: Settings) -> ProxyConfig | str:
@@ -48,10 +53,53 @@ def proxy_config(settings: Settings) -> ProxyConfig | str:
     )
 
 
+class UpstreamProbe(Service):
+    """Says at start-up whether the upstream MTA answers, so a missing PMTA is obvious.
+
+    The wrapper runs either way: clients get 421 until the upstream answers.
+    """
+
+    name = "upstream-probe"
+
+    def __init__(self, config: ProxyConfig, reactor: Any) -> None:
+        self._config = config
+        self._reactor = reactor
+        self._attempt: defer.Deferred[None] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._attempt = defer.Deferred.fromCoroutine(self._probe())
+
+    async def _probe(self) -> None:
+        where = f"{self._config.upstream_host}:{self._config.upstream_port}"
+        try:
+            client = await upstream.connect(self._reactor, self._config.upstream_host,
+                                            self._config.upstream_port, timeout=5)
+        except Exception as e:
+            _log.warn("wrapper: the upstream MTA at {where} does not answer ({reason}); "
+                      "clients get 421 until it does (set upstream)",
+                      where=where, reason=str(e) or e.__class__.__name__)
+            return
+        client.quit()
+        _log.info("wrapper: the upstream MTA at {where} answers", where=where)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._attempt is not None and not self._attempt.called:
+            self._attempt.cancel()
+
+
 def make_service(ctx: Context) -> IService | str:
     config = proxy_config(ctx.settings)
     if isinstance(config, str):
         return config
     factory = WrapperFactory(config, ctx.codec, WrapperStats(ctx.metrics), ctx.reactor)
-    return listen_with_workers(ctx, "wrapper", ctx.settings.wrapper_endpoint, factory,
-                               ctx.settings.wrapper_workers)
+    listener = listen_with_workers(ctx, "wrapper", ctx.settings.wrapper_endpoint, factory,
+                                   ctx.settings.wrapper_workers)
+    if ctx.worker:
+        return listener
+    top = MultiService()
+    top.setName("wrapper")
+    listener.setServiceParent(top)
+    UpstreamProbe(config, ctx.reactor).setServiceParent(top)
+    return top

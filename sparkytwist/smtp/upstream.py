@@ -15,9 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -211,6 +211,18 @@ class UpstreamClient(Protocol):
                 d.errback(error)
 
 
+class _OneClient(Factory):
+    """connectProtocol's factory, without its two log lines per connection."""
+
+    noisy = False
+
+    def __init__(self, client: UpstreamClient) -> None:
+        self._client = client
+
+    def buildProtocol(self, addr: Any) -> UpstreamClient:
+        return self._client
+
+
 def connect(
     reactor: Any, host: str, port: int, *, timeout: float
 ) -> defer.Deferred[UpstreamClient]:
@@ -224,7 +236,7 @@ def connect(
             raise UpstreamRefused(reply)
         return client
 
-    d: defer.Deferred[Any] = connectProtocol(endpoint, client)
+    d: defer.Deferred[Any] = endpoint.connect(_OneClient(client))
     d.addCallback(lambda _: client.greeting)
     result: defer.Deferred[UpstreamClient] = d.addCallback(greeted)
     return result

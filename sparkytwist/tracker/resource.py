@@ -201,6 +201,7 @@ class TrackerSite(server.Site):
     """No access log line per hit (a proxy in front can keep one), no tracebacks."""
 
     displayTracebacks = False
+    noisy = False  # ListeningService says where we listen
 
     def log(self, request: Any) -> None:
         pass
