@@ -130,11 +130,21 @@ class ResourceTests(SynchronousTestCase):
         # the event keeps the URL as the sender wrote it
         self.assertEqual(self.sink.events[-1].url, "https://bücher.example/straße?q=café#ä")
 
-    def test_honeypot_is_flagged_and_not_a_redirect(self) -> None:
-        request, _ = hit(self.res, b"/" + token("h"))
+    def test_honeypot_marks_that_clients_hits_on_the_message(self) -> None:
+        """The hidden link is no event (no target), but its client is a bot for that mail."""
+        request, _ = hit(self.res, b"/" + token("h"), peer="198.51.100.7")
         self.assertIn(request.responseCode, (None, 200))
         self.assertIsNone(header(request, b"location"))
-        self.assertEqual((self.sink.events[-1].type, self.sink.events[-1].flags), ("click", "h"))
+        self.assertEqual(self.sink.events, [])
+        hit(self.res, b"/" + token("c", URL), peer="198.51.100.7")
+        hit(self.res, b"/" + token("c", URL), peer="203.0.113.50")  # someone else
+        other_message = TokenCodec.from_specs([KEY]).encode(
+            "c", "0123456789abcdef9999", RCPT, URL).encode()
+        hit(self.res, b"/" + other_message, peer="198.51.100.7")
+        self.assertEqual([e.flags for e in self.sink.events], ["h", "", ""])
+        self.clock.advance(601)  # the memory lasts ten minutes
+        hit(self.res, b"/" + token("c", URL), peer="198.51.100.7")
+        self.assertEqual(self.sink.events[-1].flags, "")
 
     def test_bad_tokens_404(self) -> None:
         good = token("c", URL)
@@ -207,8 +217,9 @@ class BotPolicyTests(SynchronousTestCase):
             request, _ = hit(res, b"/" + token("c", URL), headers={b"user-agent": agent.encode()})
             self.assertEqual(request.responseCode, 302)  # everyone gets the redirect
             seen[name] = sink.events[-1].flags if len(sink.events) > before else None
-        before = len(sink.events)
-        hit(res, b"/" + token("h"))
+        hit(res, b"/" + token("h"), peer="192.0.2.66")  # a scanner takes the hidden link,
+        before = len(sink.events)  # then a link any person could follow
+        hit(res, b"/" + token("c", URL), peer="192.0.2.66")
         seen["honeypot"] = sink.events[-1].flags if len(sink.events) > before else None
         return seen, sink
 

@@ -116,3 +116,36 @@ def apply_policy(flags: str, policy: str) -> str | None:
     if any(letter in flags for letter in _BOT_LETTERS):
         return None
     return flags
+
+
+class HoneypotMemory:
+    """Who followed a message's hidden link: their other hits on it are a bot's too.
+
+    Link scanners follow every link of a message, the hidden one included. Once a
+    client (IP address) has taken a message's honeypot, its later hits on the same
+    message within ``window`` seconds are flagged ``h``. Keyed by (IP, message) and
+    not by IP alone: a scanner behind a company's gateway must not mark the people
+    behind the same address. Bounded: the oldest entries go first.
+    """
+
+    def __init__(self, clock: Any, *, window: float = 600.0, capacity: int = 100_000) -> None:
+        self._clock = clock
+        self.window = window
+        self.capacity = capacity
+        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def remember(self, ip: str, message_id: str) -> None:
+        key = (ip, message_id)
+        self._seen.pop(key, None)
+        if len(self._seen) >= self.capacity:
+            self._seen.popitem(last=False)
+        self._seen[key] = self._clock.seconds() + self.window
+
+    def caught(self, ip: str, message_id: str) -> bool:
+        expires = self._seen.get((ip, message_id))
+        if expires is None:
+            return False
+        if expires < self._clock.seconds():
+            del self._seen[(ip, message_id)]
+            return False
+        return True

@@ -20,7 +20,7 @@ from twisted.web.iweb import IRequest
 
 from sparkytwist.metrics import Metrics
 from sparkytwist.token import TokenCodec, TokenError, Tracking, decode_legacy
-from sparkytwist.tracker.bots import BotClassifier, apply_policy
+from sparkytwist.tracker.bots import BotClassifier, HoneypotMemory, apply_policy
 from sparkytwist.tracker.clientip import ClientAddress
 from sparkytwist.tracker.location import to_uri
 from sparkytwist.tracker.ratelimit import LogThrottle, PerClientLimiter
@@ -69,6 +69,7 @@ class TrackerResource(resource.Resource):
             "tracker_hits", "Requests to the tracker by event type and outcome",
             ["type", "outcome"])
         self._hit_children: dict[tuple[str, str], Any] = {}
+        self._honeypots = HoneypotMemory(clock)
         self._rate_log = LogThrottle(_log, clock)
         self._error_log = LogThrottle(_log, clock)
 
@@ -126,9 +127,15 @@ class TrackerResource(resource.Resource):
             request.setResponseCode(404)
             return self._small(request, NOT_FOUND)
         body = self._respond(request, tracking)
-        self._count(tracking.event_type, "served")
         try:
-            self._record(request, tracking, head=method == b"HEAD")
+            if tracking.action == "h":
+                # Not an event: no SparkPost type fits a link nobody can see. It marks
+                # this client's other hits on the message as a bot's instead.
+                self._count("honeypot", "served")
+                self._honeypots.remember(self._client_ip(request), tracking.message_id)
+            else:
+                self._count(tracking.event_type, "served")
+                self._record(request, tracking, head=method == b"HEAD")
         except Exception:
             self._error_log.warn("tracker: a hit could not be recorded ({count}x)")
         return body
@@ -179,13 +186,14 @@ class TrackerResource(resource.Resource):
         raw_agent = request.getHeader(b"user-agent")
         agent = raw_agent[:MAX_USER_AGENT].decode("utf-8", "surrogateescape") \
             if raw_agent else ""
+        ip = self._client_ip(request)
         flags = apply_policy(
-            self._bots.flags(agent, head=head, honeypot=tracking.action == "h"),
+            self._bots.flags(agent, head=head,
+                             honeypot=self._honeypots.caught(ip, tracking.message_id)),
             self._bot_events)
         if flags is None:
             self._sink.dropped("bot_policy")
             return
-        ip = self._client_ip(request)
         if not self._limiter.allow(ip):
             self._sink.dropped("rate_limit")
             self._rate_log.warn("tracker: per-IP rate limit: {count} hit(s) not recorded "
