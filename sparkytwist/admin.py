@@ -36,14 +36,17 @@ class HealthResource(resource.Resource):
         super().__init__()
         self._redis = redis
 
-    def render_GET(self, request: IRequest) -> int:
+    def render_GET(self, request: server.Request) -> int:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
-        d = defer.Deferred.fromCoroutine(self._check(request))
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        d = defer.Deferred.fromCoroutine(self._check(request, gone))
         d.addErrback(lambda f: _log.failure("health check failed", f))
         return server.NOT_DONE_YET
 
-    async def _check(self, request: IRequest) -> None:
+    async def _check(self, request: server.Request, gone: list[bool]) -> None:
+        """Answer after the PING, unless the prober gave up (disconnected) first."""
         try:
             await self._redis.ping()
         except RedisUnavailable as e:
@@ -54,7 +57,7 @@ class HealthResource(resource.Resource):
             body = f"redis: {e}\n".encode()
         else:
             body = b"ok\n"
-        if not request.finished:  # type: ignore[attr-defined]
+        if not gone:
             request.write(body)
             request.finish()
 

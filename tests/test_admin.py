@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial.unittest import TestCase
 
@@ -48,3 +48,23 @@ class AdminTests(TestCase):
     async def test_unknown_path(self) -> None:
         base = await self.serve(Metrics(), await fresh_redis(self))
         self.assertEqual((await http_client(self).get(f"{base}/nope")).code, 404)
+
+    async def test_prober_giving_up_first_is_no_error(self) -> None:
+        """A load balancer that hangs up before Redis answers: nothing breaks, nothing logged."""
+        from twisted.internet.protocol import Factory, Protocol
+
+        silent = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(Protocol))  # accepts, never answers: PING times out
+        self.addCleanup(silent.stopListening)
+        redis = Redis(timeout=0.5, clock=reactor,
+                      url=f"redis://127.0.0.1:{silent.getHost().port}/0")
+        redis.open()
+        self.addCleanup(redis.close)
+        base = await self.serve(Metrics(), redis)
+        client = http_client(self)
+        request = client.get(f"{base}/healthz")
+        await task.deferLater(reactor, 0.1, request.cancel)
+        with self.assertRaises(defer.CancelledError):
+            await request
+        await task.deferLater(reactor, 1.0, lambda: None)  # past the PING's timeout
+        self.assertEqual(self.flushLoggedErrors(), [])

@@ -466,6 +466,7 @@ class SMTPProxy(Protocol, TimeoutMixin):
             return
         size = size_param(parsed[1])
         if size is not None and size > self.config.max_message_size:
+            self.f.stats.outcome("too_big_declared")
             self._local(552, "5.3.4 Message size exceeds fixed maximum message size")
             return
         self._run(self._relay_mail(line))
