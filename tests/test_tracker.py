@@ -210,7 +210,8 @@ class BotPolicyTests(SynchronousTestCase):
 
     def run_policy(self, policy: str) -> tuple[dict[str, str | None], ListSink]:
         sink = ListSink()
-        res = make_resource(sink, policy=policy)
+        self.metrics = Metrics()
+        res = make_resource(sink, policy=policy, metrics=self.metrics)
         seen: dict[str, str | None] = {}
         for name, agent in self.agents.items():
             before = len(sink.events)
@@ -238,6 +239,11 @@ class BotPolicyTests(SynchronousTestCase):
         self.assertEqual(seen, {"person": "", "gmail": "p", "crawler": None, "scanner": None,
                                 "honeypot": None})
         self.assertEqual(sink.drops["bot_policy"], 3)
+        # who made the hits is counted whatever the policy records
+        exposition = self.metrics.exposition().decode()
+        for name in ("person", "proxy", "bot", "prefetch", "honeypot"):
+            self.assertIn(f'sparkytwist_tracker_hit_class_total{{class="{name}"}} 1.0',
+                          exposition)
 
 
 class RateLimitTests(SynchronousTestCase):

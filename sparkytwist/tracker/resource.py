@@ -70,6 +70,10 @@ class TrackerResource(resource.Resource):
             ["type", "outcome"])
         self._hit_children: dict[tuple[str, str], Any] = {}
         self._honeypots = HoneypotMemory(clock)
+        by_class = metrics.counter(
+            "tracker_hit_class", "Opens and clicks by who made them (before bot_events)",
+            ["class"])
+        self._classes = {c: by_class.labels(c) for c in HIT_CLASSES}
         self._rate_log = LogThrottle(_log, clock)
         self._error_log = LogThrottle(_log, clock)
 
@@ -187,10 +191,10 @@ class TrackerResource(resource.Resource):
         agent = raw_agent[:MAX_USER_AGENT].decode("utf-8", "surrogateescape") \
             if raw_agent else ""
         ip = self._client_ip(request)
-        flags = apply_policy(
-            self._bots.flags(agent, head=head,
-                             honeypot=self._honeypots.caught(ip, tracking.message_id)),
-            self._bot_events)
+        seen = self._bots.flags(agent, head=head,
+                                honeypot=self._honeypots.caught(ip, tracking.message_id))
+        self._classes[hit_class(seen)].inc()
+        flags = apply_policy(seen, self._bot_events)
         if flags is None:
             self._sink.dropped("bot_policy")
             return
@@ -203,6 +207,18 @@ class TrackerResource(resource.Resource):
             type=tracking.event_type, message_id=tracking.message_id, rcpt=tracking.rcpt,
             timestamp_ms=int(self._clock.seconds() * 1000), ip=ip, user_agent=agent,
             url=tracking.url or "", flags=flags))
+
+
+#: Who made a hit, from its flags: the first that applies, in this order.
+HIT_CLASSES = ("honeypot", "bot", "prefetch", "proxy", "person")
+_CLASS_OF_FLAG = (("h", "honeypot"), ("b", "bot"), ("f", "prefetch"), ("p", "proxy"))
+
+
+def hit_class(flags: str) -> str:
+    for letter, name in _CLASS_OF_FLAG:
+        if letter in flags:
+            return name
+    return "person"
 
 
 class TrackerSite(server.Site):
