@@ -1,31 +1,35 @@
 """Benchmark: the wrapper's message rewrite (rewrite_message) vs an email-package round trip.
 
-Builds a ~40 KB newsletter (multipart/alternative: text + quoted-printable HTML with
+Builds a ~45 KB newsletter (multipart/alternative: text + quoted-printable HTML with
 40 links), then times on one core, in the same run:
 
-- rewrite_message with a real make_url (AES-SIV over the token JSON, base64url, as
-  the tracking tokens are made): 40 click links + 3 pixel/honeypot URLs a message;
+- rewrite_message with the wrapper's own make_url (``TokenCodec.encode``: AES-SIV over
+  the token JSON, base64url, behind the tracking base URL, exactly as
+  ``WrapperFactory.make_url`` builds it): 40 click links + 3 pixel/honeypot URLs a message;
+- one copy for a further recipient of the same message: ``prepare_message`` (MIME
+  walk, decoding, HTML scan) once, then ``PreparedMessage.rewrite`` per copy, as the
+  wrapper does for a message with several recipients;
 - the baseline: email.message_from_bytes(raw, policy=default) + as_bytes(), the
   naive parse/serialise a rewrite built on the email package would at least pay.
 
-    python bench/wrapper_rewrite.py [--messages 2000] [--seconds 10]
+Each case runs ``--rounds`` times (default 3) and the best round is reported: the
+machine is shared, and the best round is the one least disturbed by other work.
+
+    python bench/wrapper_rewrite.py [--messages 2000] [--seconds 5] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import email
 import email.policy
-import json
 import os
 import quopri
 import time
 from collections.abc import Callable
 
-from cryptography.hazmat.primitives.ciphers.aead import AESSIV
-
-from sparkytwist.rewrite import TrackingPlan, rewrite_message
+from sparkytwist.rewrite import TrackingPlan, prepare_message, rewrite_message
+from sparkytwist.token import TokenCodec
 
 GOAL = 1000  # messages a second
 
@@ -73,19 +77,12 @@ def make_message(links: int = 40, size: int = 40_000) -> bytes:
 
 
 def token_make_url(base: str, message_id: str, rcpt: str) -> Callable[[str, str | None], str]:
-    """A make_url as the wrapper uses it: AES-SIV token of the compact JSON, base64url."""
-    siv = AESSIV(os.urandom(64))
-    header = b"\x02\x01"
+    """The wrapper's make_url (sparkytwist.smtp.server.WrapperFactory.make_url), one key."""
+    encode = TokenCodec([(1, os.urandom(64))]).encode
+    base = base.rstrip("/")
 
     def make_url(action: str, url: str | None) -> str:
-        doc: dict[str, str] = {"a": action}
-        if url is not None:
-            doc["u"] = url
-        doc["m"] = message_id
-        doc["r"] = rcpt
-        plain = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
-        token = header + siv.encrypt(plain, [header])
-        return base + base64.urlsafe_b64encode(token).rstrip(b"=").decode()
+        return f"{base}/{encode(action, message_id, rcpt, url)}"
 
     return make_url
 
@@ -100,10 +97,22 @@ def run(work: Callable[[], object], messages: int, seconds: float) -> tuple[int,
     return done, time.perf_counter() - start
 
 
+def best_of(
+    rounds: int, work: Callable[[], object], messages: int, seconds: float
+) -> tuple[float, int]:
+    """(messages a second, messages timed) of the fastest of ``rounds`` runs."""
+    best = (0.0, 0)
+    for _ in range(rounds):
+        done, elapsed = run(work, messages, seconds)
+        best = max(best, (done / elapsed, done))
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=2000)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     raw = make_message()
@@ -116,16 +125,23 @@ def main() -> None:
         return rewrite_message(raw, message_id="665f00aa0123456789ab", make_url=make_url,
                                plan=plan)  # fmt: skip
 
+    prepared = prepare_message(raw, plan)
+
+    def copy() -> object:
+        return prepared.rewrite(message_id="665f00aa0123456789ab", make_url=make_url)
+
     def baseline() -> object:
         return email.message_from_bytes(raw, policy=email.policy.default).as_bytes()
 
-    n_ours, t_ours = run(ours, args.messages, args.seconds)
-    n_base, t_base = run(baseline, args.messages, args.seconds)
-    rate_ours, rate_base = n_ours / t_ours, n_base / t_base
+    rate_ours, n_ours = best_of(args.rounds, ours, args.messages, args.seconds)
+    rate_copy, n_copy = best_of(args.rounds, copy, args.messages, args.seconds)
+    rate_base, n_base = best_of(args.rounds, baseline, args.messages, args.seconds)
     print(f"message: {len(raw)} bytes, 40 links, QP HTML in multipart/alternative; "
-          f"rewritten: {len(check.data)} bytes")  # fmt: skip
+          f"rewritten: {len(check.data)} bytes; best of {args.rounds} rounds")  # fmt: skip
     print(f"rewrite_message (AES-SIV tokens): {rate_ours:8.0f} msg/s "
           f"({1e3 / rate_ours:.3f} ms/msg, {n_ours} messages)")  # fmt: skip
+    print(f"each further recipient's copy:    {rate_copy:8.0f} copies/s "
+          f"({1e3 / rate_copy:.3f} ms/copy, {n_copy} copies)")  # fmt: skip
     print(f"email parse + as_bytes baseline:  {rate_base:8.0f} msg/s "
           f"({1e3 / rate_base:.3f} ms/msg, {n_base} messages)")  # fmt: skip
     print(f"ratio: {rate_ours / rate_base:.2f}x the baseline; goal {GOAL} msg/s: "

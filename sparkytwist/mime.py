@@ -140,7 +140,7 @@ def parse_content_type(value: str | None) -> tuple[str, dict[str, str]]:
             name, raw = m.group(1).lower(), m.group(2)
             if raw.startswith('"'):
                 raw = _QUOTED_PAIR.sub(r"\1", raw[1:-1] if raw.endswith('"') else raw[1:])
-            c = _CONTINUATION.match(name)
+            c = _CONTINUATION.match(name) if "*" in name else None
             if c is None:
                 params.setdefault(name, raw)
             elif c.group(4) is not None:  # name*=charset'lang'value
@@ -168,6 +168,11 @@ def _join_rfc2231(parts: dict[int, tuple[str, bool]]) -> str:
             raw = _PERCENT.sub(lambda m: chr(int(m.group(1), 16)), raw)
         out.append(raw)
     return "".join(out)
+
+
+def locate_part(raw: bytes, start: int, end: int) -> Part:
+    """The part spanning raw[start:end]: its header block, headers and body span."""
+    return _part(raw, start, end)
 
 
 def _part(raw: bytes, start: int, end: int) -> Part:
@@ -226,13 +231,14 @@ def _eol_before(raw: bytes, i: int, floor: int) -> int:
     return i
 
 
-def walk(raw: bytes) -> MimeWalk:
+def walk(raw: bytes, root: Part | None = None) -> MimeWalk:
     """Every leaf part of the message, in order, at any multipart depth.
 
     message/rfc822 (and other message/*) parts are leaves: a forwarded mail is
     not ours to rewrite. A multipart with no boundary, or whose boundary never
     closes, is left whole (counted in ``broken``) -- guessing where its parts
-    end could cut a part in two.
+    end could cut a part in two. ``root``, when given, is ``locate_part(raw, 0,
+    len(raw))`` already made by the caller (saves parsing the top headers twice).
     """
     leaves: list[Part] = []
     problems: list[str] = []
@@ -240,7 +246,10 @@ def walk(raw: bytes) -> MimeWalk:
     stack: list[tuple[int, int, int]] = [(0, len(raw), 0)]
     while stack:
         start, end, depth = stack.pop()
-        part = _part(raw, start, end)
+        if root is not None and start == 0 and end == len(raw):
+            part, root = root, None
+        else:
+            part = _part(raw, start, end)
         if not part.content_type.startswith("multipart/"):
             leaves.append(part)
             continue
@@ -273,6 +282,7 @@ def walk(raw: bytes) -> MimeWalk:
 _QP_TRAILING_WS = re.compile(rb"[ \t]+(?=\r?\n|\Z)")
 _QP_BAD = re.compile(rb"=(?![0-9A-Fa-f]{2}|\r?\n|\Z)")
 _B64_WS = b" \t\r\n"
+_BARE_CR = re.compile(rb"\r(?!\n)")
 
 
 def decode_body(encoding: str, body: bytes) -> bytes | None:
@@ -297,7 +307,7 @@ def decode_body(encoding: str, body: bytes) -> bytes | None:
 
 def encode_qp(data: bytes, eol: bytes) -> bytes:
     """Quoted-printable, lines at most 76 characters, hard line breaks as ``eol``."""
-    if data.count(b"\r") != data.count(b"\r\n"):
+    if _BARE_CR.search(data):  # one scan; two bytes.count calls cost 3x as much
         return _encode_qp_slow(data, eol)
     enc = binascii.b2a_qp(data, quotetabs=False, istext=True, header=False)
     # b2a_qp writes every line break in the style of the data's first one.

@@ -128,54 +128,65 @@ class _Counts:
     skipped: int = 0
 
 
-def rewrite_message(
-    raw: bytes,
-    *,
-    message_id: str,
-    make_url: html.MakeUrl,
-    plan: TrackingPlan,
-    received: bytes | None = None,
-) -> RewriteResult:
-    """The message to relay: headers fixed up, HTML parts tracked per ``plan``.
+@dataclass(frozen=True, slots=True)
+class _HtmlPart:
+    """An HTML part decoded and scanned: only the URLs are left to make."""
 
-    Header changes: ``received`` (a trace header the caller built) goes first,
-    ``X-Sp-Message-Id: <message_id>`` is set (in place when one exists, else
-    added at the top), every ``X-Sparky-Track`` is removed. Every other byte
-    outside the rewritten HTML parts is relayed unchanged.
+    part: mime.Part
+    codec: str
+    scan: html.HtmlScan
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedMessage:
+    """A message located, decoded and scanned once, to rewrite for each recipient.
+
+    Everything but the tracking URLs is the same in every recipient's copy; the
+    wrapper makes one copy per recipient, so the MIME walk, the decoding and the
+    HTML scan (about half of a rewrite) are done once per message, not once per copy.
     """
-    eol = mime.line_ending(raw)
-    edits: list[tuple[int, int, bytes]] = []
-    header_end, _, headers = _top_headers(raw)
-    id_line = f"{MESSAGE_ID_HEADER}: {message_id}".encode("ascii", "replace") + eol
-    top: list[bytes] = []
-    if received:
-        top.append(_EOL.sub(eol, received.rstrip(b"\r\n")) + eol)
-    seen_id = False
-    for h in headers:
-        if h.name == TRACK_HEADER.lower():
-            edits.append((h.start, h.end, b""))
-        elif h.name == MESSAGE_ID_HEADER.lower():
-            if seen_id:
-                edits.append((h.start, h.end, b""))  # only one id per message
-            elif h.value != message_id:
-                edits.append((h.start, h.end, id_line))
-            seen_id = True
-    if not seen_id:
-        top.append(id_line)
-    if top:
-        edits.append((0, 0, b"".join(top)))
-    problems: list[str] = []
-    counts = _Counts()
-    if (plan.opens or plan.clicks) and header_end < len(raw):
-        walk = mime.walk(raw)
-        problems.extend(walk.problems)
-        counts.skipped += walk.broken
-        for part in walk.leaves:
-            amp = _HTML_TYPES.get(part.content_type)
-            if amp is None or part.is_attachment:
+
+    raw: bytes
+    eol: bytes
+    headers: tuple[mime.HeaderField, ...]
+    problems: tuple[str, ...]  #: from the MIME walk
+    broken: int  #: multiparts relayed as they came
+    #: every trackable HTML part in order: scanned, or the reason it is relayed as it came
+    parts: tuple[_HtmlPart | str, ...]
+
+    def rewrite(
+        self, *, message_id: str, make_url: html.MakeUrl, received: bytes | None = None
+    ) -> RewriteResult:
+        """This copy's bytes: what :func:`rewrite_message` returns for the same arguments."""
+        raw, eol = self.raw, self.eol
+        edits: list[tuple[int, int, bytes]] = []
+        id_line = f"{MESSAGE_ID_HEADER}: {message_id}".encode("ascii", "replace") + eol
+        top: list[bytes] = []
+        if received:
+            top.append(_EOL.sub(eol, received.rstrip(b"\r\n")) + eol)
+        seen_id = False
+        for h in self.headers:
+            if h.name == TRACK_HEADER.lower():
+                edits.append((h.start, h.end, b""))
+            elif h.name == MESSAGE_ID_HEADER.lower():
+                if seen_id:
+                    edits.append((h.start, h.end, b""))  # only one id per message
+                elif h.value != message_id:
+                    edits.append((h.start, h.end, id_line))
+                seen_id = True
+        if not seen_id:
+            top.append(id_line)
+        if top:
+            edits.append((0, 0, b"".join(top)))
+        problems = list(self.problems)
+        counts = _Counts(skipped=self.broken)
+        for item in self.parts:
+            if isinstance(item, str):
+                counts.skipped += 1
+                problems.append(item)
                 continue
             try:
-                outcome = _rewrite_part(raw, part, make_url, plan, eol, amp=amp)
+                outcome = _rewrite_part(raw, item, make_url, eol)
             except Exception:
                 _log.failure("unexpected error rewriting an HTML part; relayed as it came")
                 outcome = "internal-error"
@@ -191,28 +202,61 @@ def rewrite_message(
                 counts.pixels += result.pixels
             if result.failures:
                 problems.append("make-url-failed")
-    return RewriteResult(
-        _splice(raw, edits),
-        counts.links,
-        counts.pixels,
-        counts.rewritten,
-        counts.skipped,
-        tuple(problems),
+        return RewriteResult(
+            _splice(raw, edits),
+            counts.links,
+            counts.pixels,
+            counts.rewritten,
+            counts.skipped,
+            tuple(problems),
+        )
+
+
+def prepare_message(raw: bytes, plan: TrackingPlan) -> PreparedMessage:
+    """Walk, decode and scan ``raw`` once; :meth:`PreparedMessage.rewrite` makes each copy."""
+    root = mime.locate_part(raw, 0, len(raw))
+    parts: list[_HtmlPart | str] = []
+    problems: tuple[str, ...] = ()
+    broken = 0
+    if (plan.opens or plan.clicks) and root.header_end < len(raw):
+        walk = mime.walk(raw, root)
+        problems, broken = walk.problems, walk.broken
+        for part in walk.leaves:
+            amp = _HTML_TYPES.get(part.content_type)
+            if amp is None or part.is_attachment:
+                continue
+            try:
+                parts.append(_prepare_part(raw, part, plan, amp=amp))
+            except Exception:
+                _log.failure("unexpected error rewriting an HTML part; relayed as it came")
+                parts.append("internal-error")
+    return PreparedMessage(raw, mime.line_ending(raw), root.headers, problems, broken, tuple(parts))
+
+
+def rewrite_message(
+    raw: bytes,
+    *,
+    message_id: str,
+    make_url: html.MakeUrl,
+    plan: TrackingPlan,
+    received: bytes | None = None,
+) -> RewriteResult:
+    """The message to relay: headers fixed up, HTML parts tracked per ``plan``.
+
+    Header changes: ``received`` (a trace header the caller built) goes first,
+    ``X-Sp-Message-Id: <message_id>`` is set (in place when one exists, else
+    added at the top), every ``X-Sparky-Track`` is removed. Every other byte
+    outside the rewritten HTML parts is relayed unchanged. For several copies of
+    one message, :func:`prepare_message` once and ``rewrite`` each copy.
+    """
+    return prepare_message(raw, plan).rewrite(
+        message_id=message_id, make_url=make_url, received=received
     )
 
 
-def _rewrite_part(
-    raw: bytes,
-    part: mime.Part,
-    make_url: html.MakeUrl,
-    plan: TrackingPlan,
-    eol: bytes,
-    *,
-    amp: bool,
-) -> tuple[list[tuple[int, int, bytes]], html.HtmlRewrite] | str:
-    """The edits for one HTML part, or the reason it is relayed as it came."""
-    body = raw[part.body_start : part.end]
-    data = mime.decode_body(part.encoding, body)
+def _prepare_part(raw: bytes, part: mime.Part, plan: TrackingPlan, *, amp: bool) -> _HtmlPart | str:
+    """One HTML part decoded and scanned, or the reason it is relayed as it came."""
+    data = mime.decode_body(part.encoding, raw[part.body_start : part.end])
     if data is None:
         if part.encoding in ("quoted-printable", "base64"):
             return f"undecodable-{part.encoding}"
@@ -221,9 +265,17 @@ def _rewrite_part(
     if isinstance(decoded, str):
         return decoded
     text, codec = decoded
-    result = html.rewrite_html(
-        text, make_url=make_url, opens=plan.opens, clicks=plan.clicks, amp=amp
+    return _HtmlPart(
+        part, codec, html.scan_html(text, opens=plan.opens, clicks=plan.clicks, amp=amp)
     )
+
+
+def _rewrite_part(
+    raw: bytes, prepared: _HtmlPart, make_url: html.MakeUrl, eol: bytes
+) -> tuple[list[tuple[int, int, bytes]], html.HtmlRewrite] | str:
+    """The edits for one HTML part, or the reason it is relayed as it came."""
+    part, codec = prepared.part, prepared.codec
+    result = prepared.scan.rewrite(make_url)
     if not result.changed:
         return [], result
     edits: list[tuple[int, int, bytes]] = []
@@ -231,6 +283,7 @@ def _rewrite_part(
         if part.encoding == "quoted-printable":
             new_body = mime.encode_qp(result.text.encode(codec), eol)
         elif part.encoding == "base64":
+            body = raw[part.body_start : part.end]
             trailing = body[len(body.rstrip(b" \t\r\n")) :]
             new_body = mime.encode_base64(result.text.encode(codec), eol) + trailing
         else:

@@ -13,6 +13,7 @@ from sparkytwist.html import (
     initial_block,
     open_pixel,
     rewrite_html,
+    scan_html,
     trackable_url,
 )
 
@@ -241,6 +242,55 @@ class RewriteLinksTests(SynchronousTestCase):
         self.assertEqual(result.failures, 1)
         self.assertIn('<a href="http://e.com/boom">1</a><a href="https://t/c">2</a>', result.text)
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+
+class ScanOnceTests(SynchronousTestCase):
+    """scan_html once, then one rewrite per recipient (the wrapper's multi-recipient path)."""
+
+    TEXT = (
+        '<html><head></head><BODY><a href="http://e.com/1">1</a><!-- <a href="http://e.com/c"> -->'
+        "<A HREF='https://e.com/2?a=1&amp;b=2'>2</A><a href=http://e.com/3>3</a></BODY></html>"
+    )
+
+    def test_each_rewrite_is_rewrite_html(self) -> None:
+        for opens, clicks, amp in [(True, True, False), (True, False, False),
+                                   (False, True, True), (False, False, False)]:  # fmt: skip
+            scan = scan_html(self.TEXT, opens=opens, clicks=clicks, amp=amp)
+            for base in ("https://t.example/", "https://other.example/x?y=1&z=\"'/"):
+                once, direct = Recorder(base), Recorder(base)
+                self.assertEqual(
+                    scan.rewrite(once),
+                    rewrite_html(self.TEXT, make_url=direct, opens=opens, clicks=clicks, amp=amp),
+                )
+                self.assertEqual(once.calls, direct.calls)
+
+    def test_failures_are_per_rewrite(self) -> None:
+        scan = scan_html(self.TEXT, opens=True, clicks=True)
+
+        def broken(action: str, url: str | None) -> str:
+            raise ValueError("no key")
+
+        failed = scan.rewrite(broken)
+        self.assertEqual((failed.text, failed.links, failed.pixels, failed.failures),
+                         (self.TEXT, 0, 0, 4))  # fmt: skip
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 4)
+        ok = scan.rewrite(Recorder())
+        self.assertEqual((ok.links, ok.pixels, ok.failures), (3, 2, 0))
+
+    def test_tag_names_fold_case_as_before(self) -> None:
+        # The tokenizer matches tag names without regard to case, with Python's
+        # Unicode case folding ("\u017f" LONG S folds to "s"): unchanged when the
+        # case-insensitive flag was narrowed to the tag names.
+        text = (
+            '<ScRiPt><a href="http://e.com/s"></SCRIPT>'
+            '<\u017ftyle><a href="http://e.com/st"></\u017fTYLE>'
+            "<Td><A HREF=http://e.com/1>1</a></tD>"
+        )
+        result = rewrite_html(text, make_url=Recorder(), opens=False, clicks=False)
+        self.assertEqual(result.text, text)
+        rec = Recorder()
+        rewrite_html(text, make_url=rec, opens=False, clicks=True)
+        self.assertEqual(rec.calls, [("c", "http://e.com/1"), ("h", None)])
 
 
 class PixelTests(SynchronousTestCase):

@@ -167,6 +167,11 @@ class WalkTests(SynchronousTestCase):
         (part,) = mime.walk(raw).leaves
         self.assertTrue(part.is_attachment)
 
+    def test_root_given_by_the_caller(self) -> None:
+        root = mime.locate_part(NESTED, 0, len(NESTED))
+        self.assertEqual(root.content_type, "multipart/mixed")
+        self.assertEqual(mime.walk(NESTED, root), mime.walk(NESTED))
+
 
 class TransferEncodingTests(SynchronousTestCase):
     def test_quoted_printable_strict(self) -> None:

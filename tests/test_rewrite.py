@@ -18,6 +18,7 @@ from sparkytwist.rewrite import (
     MessageOptions,
     TrackingPlan,
     new_message_id,
+    prepare_message,
     read_tracking_options,
     rewrite_message,
     valid_message_id,
@@ -481,6 +482,47 @@ def _expected_untracked(raw: bytes, message_id: str) -> bytes:
     out.append(raw[pos:])
     prefix = b"" if seen else b"X-Sp-Message-Id: " + message_id.encode() + eol
     return prefix + b"".join(out)
+
+
+class PreparedMessageTests(SynchronousTestCase):
+    """prepare_message once, rewrite per recipient: each copy is rewrite_message's bytes."""
+
+    def copies(self, raw: bytes, plan: TrackingPlan) -> None:
+        prepared = prepare_message(raw, plan)
+        for n, base in enumerate(["https://a.example/", "https://b.example/?r=2&x=\"'", ""]):
+
+            def make_url(action: str, url: str | None, base: str = base) -> str:
+                if not base:
+                    raise ValueError("no tracking domain")
+                return f"{base}{action}/{url}"
+
+            received = b"Received: by us; copy %d\r\n" % n
+            mid = f"665f00aa01234567890{n}"
+            self.assertEqual(
+                prepared.rewrite(message_id=mid, make_url=make_url, received=received),
+                rewrite_message(
+                    raw, message_id=mid, make_url=make_url, plan=plan, received=received
+                ),
+            )
+        self.flushLoggedErrors(ValueError)
+
+    def test_corpus(self) -> None:
+        for path in sorted(MESSAGES.iterdir()):
+            for plan in (ALL, NONE, TrackingPlan(True, False), TrackingPlan(False, True)):
+                self.copies(path.read_bytes(), plan)
+
+    def test_copies_differ_only_in_their_urls(self) -> None:
+        raw = (MESSAGES / "01_qp_soft_breaks.eml").read_bytes()
+        prepared = prepare_message(raw, ALL)
+        first = prepared.rewrite(message_id=MSG_ID, make_url=Recorder())
+        again = prepared.rewrite(message_id=MSG_ID, make_url=Recorder())
+        self.assertEqual(first, again)
+        self.assertGreater(first.links, 0)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.data())
+    def test_mangled_mime(self, data: st.DataObject) -> None:
+        self.copies(data.draw(_message()), ALL)
 
 
 class PropertyTests(SynchronousTestCase):

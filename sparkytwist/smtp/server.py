@@ -624,19 +624,22 @@ class SMTPProxy(Protocol, TimeoutMixin):
         if not reply.positive:
             raise UpstreamError(f"upstream refused RSET: {reply}")
 
-    def _copy(self, message: bytes, message_id: str, rcpt: bytes,
-              plan: rewrite.TrackingPlan) -> bytes:
-        """This recipient's copy: trace header, message id, tracked links and pixels."""
+    def _copy(self, message: rewrite.PreparedMessage, message_id: str, rcpt: bytes) -> bytes:
+        """This recipient's copy: trace header, message id, tracked links and pixels.
+
+        ``message`` was scanned once (rewrite.prepare_message); only the URLs are
+        made per copy.
+        """
         now = self.f.now()
         received = received_header(
             helo=self.helo or b"unknown", client_ip=self._peer_ip, hostname=self.config.hostname,
             protocol=protocol_name(esmtp=self.esmtp, tls=self.tls,
                                    authenticated=self.authenticated),
             message_id=message_id, rcpt=rcpt, now=now)
-        result = rewrite.rewrite_message(
-            message, message_id=message_id,
+        result = message.rewrite(
+            message_id=message_id,
             make_url=self.f.make_url(message_id, rcpt.decode("utf-8", "replace")),
-            plan=plan, received=received)
+            received=received)
         self.f.stats.rewritten(result)
         return result.data
 
@@ -648,7 +651,8 @@ class SMTPProxy(Protocol, TimeoutMixin):
         up = self.upstream
         assert up is not None
         rcpt = txn.rcpts[0][0]
-        data = self._copy(message, options.message_id or self._new_id(), rcpt, options.plan)
+        data = self._copy(rewrite.prepare_message(message, options.plan),
+                          options.message_id or self._new_id(), rcpt)
         reply = await up.command(b"DATA")
         if reply.code != 354:
             self.f.stats.outcome("refused")
@@ -680,9 +684,10 @@ class SMTPProxy(Protocol, TimeoutMixin):
         pipelining = b"PIPELINING" in self._upstream_caps
         delivered = 0
         last: Reply | None = None
+        prepared = rewrite.prepare_message(message, options.plan)  # scanned once for all copies
         try:
             for rcpt, rcpt_line in txn.rcpts:
-                data = self._copy(message, self._new_id(), rcpt, options.plan)
+                data = self._copy(prepared, self._new_id(), rcpt)
                 last = await self._send_copy(up, txn.mail, rcpt_line, data, pipelining)
                 delivered += 1
                 self.f.stats.copies.inc()
