@@ -15,9 +15,11 @@ from sparkytwist.events import (
     INGEST_MAX_AGE_SECONDS,
     Enrichment,
     GeoLookup,
+    LineEncoder,
     UserAgentInfo,
     UserAgentParser,
     encode_batch,
+    encode_enrichment,
     enrichment_from_hash,
     event_id_from_stream_id,
     ndjson_line,
@@ -490,3 +492,100 @@ class EncodingTests(SynchronousTestCase):
         hit = _hit("open", timestamp_ms=(now - INGEST_MAX_AGE_SECONDS - 1) * 1000)
         ev = sparkpost_event(b"1-0", hit, ua=DESKTOP, geo=None, enrichment=None)
         self.assertEqual(len(validate_line(ev, now)), 1)
+
+
+# Any text a stream entry or a lookup could hold: control characters, non-ASCII,
+# lone surrogates (undecodable bytes read with surrogateescape).
+_ANY_TEXT = st.text(st.one_of(st.characters(), st.sampled_from(
+    ["\udcff", "\ud83d", "\x00", "\n", '"', "\\", "/", "\u2028", "ß"])), max_size=30)
+_OPTIONAL_TEXT = st.one_of(st.none(), _ANY_TEXT)
+_UA_INFOS = st.builds(UserAgentInfo, _ANY_TEXT, _ANY_TEXT, _ANY_TEXT, st.booleans())
+_GEOS = st.one_of(st.none(), st.dictionaries(
+    st.sampled_from(["country", "region", "city", "latitude", "longitude", "postal_code",
+                     "zip"]),
+    st.one_of(_ANY_TEXT, st.floats(allow_nan=False, allow_infinity=False),
+              st.integers(-(2**70), 2**70)),
+    max_size=7))
+_ENRICHMENTS = st.one_of(st.none(), st.builds(
+    Enrichment, _OPTIONAL_TEXT, st.one_of(st.none(), st.integers(0, 2**63 - 1)),
+    _OPTIONAL_TEXT, _OPTIONAL_TEXT, _OPTIONAL_TEXT, _OPTIONAL_TEXT))
+
+
+class LineEncoderTests(SynchronousTestCase):
+    """The feeder's fast path must give exactly the bytes of the reference path."""
+
+    def reference(self, entry_id: bytes | str, hit: TrackEvent, info: UserAgentInfo,
+                  geo: dict[str, object] | None, enrichment: Enrichment | None,
+                  link_name: str = "") -> bytes:
+        return ndjson_line(sparkpost_event(entry_id, hit, ua=info, geo=geo,
+                                           enrichment=enrichment, link_name=link_name))
+
+    @settings(max_examples=150, deadline=None)
+    @given(
+        type_=st.one_of(st.sampled_from(sorted(EVENT_TYPES)), _ANY_TEXT),
+        msg=_ANY_TEXT, rcpt=_ANY_TEXT, ip=_ANY_TEXT, ua=_ANY_TEXT, url=_ANY_TEXT,
+        flags=st.text(st.sampled_from("pfbhx"), max_size=3),
+        ts=st.integers(-(2**50), 2**60),
+        entry=st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)),
+        as_bytes=st.booleans(),
+        info=_UA_INFOS, geo=_GEOS, enrichment=_ENRICHMENTS, link_name=_ANY_TEXT,
+    )
+    def test_same_bytes_as_ndjson_line_of_sparkpost_event(
+        self, type_: str, msg: str, rcpt: str, ip: str, ua: str, url: str, flags: str,
+        ts: int, entry: tuple[int, int], as_bytes: bool, info: UserAgentInfo,
+        geo: dict[str, object] | None, enrichment: Enrichment | None, link_name: str,
+    ) -> None:
+        hit = TrackEvent(type_, msg, rcpt, ts, ip, ua, url, flags)
+        entry_id: bytes | str = f"{entry[0]}-{entry[1]}"
+        if as_bytes:
+            entry_id = entry_id.encode()
+        encoder = LineEncoder(lambda _: info)
+        expected = self.reference(entry_id, hit, info, geo, enrichment, link_name)
+        for _ in range(2):  # the second time from the caches
+            self.assertEqual(
+                encoder.line(entry_id, hit, geo=geo, enrichment=encode_enrichment(enrichment),
+                             link_name=link_name),
+                expected)
+
+    def test_real_parser_and_the_documented_example(self) -> None:
+        hit = TrackEvent("click", "6745c3a0aabbccddeeff", "Fred@Example.com",
+                         1732625000123, "203.0.113.7", IPHONE_MAIL,
+                         "https://shop.example.com/straße?utm_source=mail")
+        geo = {"country": "US", "region": "MD", "city": "Columbia", "latitude": 39.1749,
+               "longitude": -76.8375, "postal_code": "21046", "zip": 21046}
+        facts = Enrichment("spring-sale", 42, "news@shop.example.com", "198.51.100.3",
+                           "shared", "example.com")
+        parser = UserAgentParser()
+        line = LineEncoder(parser).line(b"1732625000123-0", hit, geo=geo,
+                                        enrichment=encode_enrichment(facts))
+        self.assertEqual(line, self.reference(b"1732625000123-0", hit, parser(IPHONE_MAIL),
+                                              geo, facts))
+        self.assertIn(b'"event_id":"1816788992128974848"', line)
+
+    def test_user_agent_cache_is_bounded(self) -> None:
+        calls: list[str] = []
+
+        def parse(ua: str) -> UserAgentInfo:
+            calls.append(ua)
+            return DESKTOP
+
+        encoder = LineEncoder(parse, maxsize=2)
+        for ua in ("a", "b", "a", "c", "a"):
+            encoder.line(b"1-0", _hit(user_agent=ua))
+        self.assertEqual(calls, ["a", "b", "c", "a"])  # "a" was the oldest when "c" came
+
+    def test_nan_is_refused_like_ndjson_line(self) -> None:
+        encoder = LineEncoder(lambda _: DESKTOP)
+        with self.assertRaises(ValueError):
+            encoder.line(b"1-0", _hit(), geo={"latitude": float("nan")})
+
+    def test_bad_entry_id_is_refused(self) -> None:
+        encoder = LineEncoder(lambda _: DESKTOP)
+        for bad in (b"1-x", b"12", "\u0661-0", b"-1-0"):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                encoder.line(bad, _hit())
+
+    def test_no_enrichment_adds_nothing(self) -> None:
+        self.assertEqual(encode_enrichment(None), "")
+        self.assertEqual(encode_enrichment(Enrichment()), "")
+        self.assertEqual(encode_enrichment(Enrichment(subaccount_id=0)), ',"subaccount_id":0')

@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 from treq.client import HTTPClient
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
@@ -31,7 +31,7 @@ from sparkytwist.feeder.consumer import StreamConsumer
 from sparkytwist.feeder.service import AGE_MARGIN, Feeder, FeederService, build_feeder
 from sparkytwist.feeder.sinks import SIGNATURE_HEADER
 from sparkytwist.metrics import Metrics
-from sparkytwist.redis import Redis
+from sparkytwist.redis import Redis, RedisUnavailable
 from sparkytwist.service import Context
 from sparkytwist.store import FEEDER_GROUP, Keys
 from sparkytwist.trackevent import TrackEvent
@@ -190,6 +190,32 @@ class RetryTests(FeederTestBase):
         self.assertEqual(metric(self.metrics, "feeder_batches_total", sink="sparkpost",
                                 status="200"), 1)
 
+    async def test_redis_failing_while_facts_are_looked_up_loses_nothing(self) -> None:
+        """The batch's events go back and are sent on a later cycle, exactly once."""
+        await self.set_up()
+        clock = task.Clock()
+        await add_events(self.redis, self.keys, [hit(i) for i in range(3)])
+        feeder = self.start(clock=clock)
+        real, failures = feeder.consumer.delivery_facts, []
+
+        async def failing_once(*args: Any) -> Any:
+            if not failures:
+                failures.append(1)
+                raise RedisUnavailable("no answer from Redis within 2s")
+            return await real(*args)
+
+        feeder.consumer.delivery_facts = failing_once  # type: ignore[method-assign]
+        for _ in range(20):
+            clock.advance(1)
+            await feeder.settle()
+            if len(self.fake.events) >= 3:
+                break
+        events = await self.fake.wait_for_events(3, WAIT)
+        self.assertEqual(failures, [1])
+        self.assertEqual(len(events), 3)
+        self.assertEqual(set(event_ids(self.fake).values()), {1})
+        self.assertEqual(await self.pending(), 0)
+
     async def test_429_retry_after_is_honoured(self) -> None:
         await self.set_up()
         clock = task.Clock()
@@ -341,6 +367,125 @@ class TakeoverTests(FeederTestBase):
         await stopped
         self.assertEqual(len(self.fake.events), 2)
         self.assertEqual(await self.pending(), 0)
+
+
+class PipelineTests(FeederTestBase):
+    """The next batch is read and built while one is on the wire; each batch is
+    acknowledged only after its own 200."""
+
+    async def read_by_the_group(self) -> int:
+        """Entries delivered to the group so far (pending + acknowledged)."""
+        groups = await self.redis.execute("XINFO", "GROUPS", self.keys.events)
+        info = dict(zip(groups[0][::2], groups[0][1::2], strict=True))
+        read = await self.redis.execute("XRANGE", self.keys.events, "-",
+                                        info[b"last-delivered-id"])
+        return len(read)
+
+    async def test_next_batch_is_prepared_but_not_acked_while_one_is_on_the_wire(self) -> None:
+        await self.set_up()
+        hold = self.fake.hold_next()
+        n = 60
+        await add_events(self.redis, self.keys, [hit(i) for i in range(n)])
+        feeder = self.start(self.settings(batch_max_bytes=4000), read_count=5)
+        await hold.arrived
+        first = len(self.fake.requests)
+        # Reading goes on (with read-ahead) while the first batch waits for its answer...
+        await wait_until(lambda: len(feeder.builder) > 0, "the next batch")
+        await task.deferLater(reactor, 0.2, lambda: None)
+        read = await self.read_by_the_group()
+        self.assertGreater(read, 5)
+        # ...but nothing is acknowledged and no second batch goes before the 200.
+        self.assertEqual(await self.pending(), read)
+        self.assertEqual(len(self.fake.requests), first)
+        hold.release()
+        await self.fake.wait_for_events(n, WAIT)
+        await feeder.settle()
+        self.assertEqual(set(event_ids(self.fake).values()), {1})
+        sent = [e["rcpt_to"] for b in self.fake.batches for e in b.events]
+        self.assertEqual(sent, [f"user{i}@example.com" for i in range(n)])  # stream order
+        self.assertEqual(await self.pending(), 0)
+
+    async def test_stop_leaves_what_was_read_pending_for_the_next_start(self) -> None:
+        await self.set_up()
+        hold = self.fake.hold_next()
+        n = 60
+        await add_events(self.redis, self.keys, [hit(i) for i in range(n)])
+        feeder = self.start(self.settings(feeder_name="same", batch_max_bytes=4000),
+                            read_count=5, stop_grace=0.0)
+        await hold.arrived
+        await wait_until(lambda: len(feeder.builder) > 0, "the next batch")
+        await feeder.stop()  # abrupt: the upload on the wire is dropped
+        await hold.gone
+        self.assertEqual(self.fake.events, [])
+        self.assertEqual(await self.pending(), await self.read_by_the_group())
+        again = self.start(self.settings(feeder_name="same", batch_max_bytes=4000,
+                                         claim_idle=3600.0))
+        await self.fake.wait_for_events(n, WAIT)
+        await again.settle()
+        self.assertEqual(set(event_ids(self.fake).values()), {1})
+        self.assertEqual(len(event_ids(self.fake)), n)
+        self.assertEqual(await self.pending(), 0)
+
+    async def test_a_retried_batch_holds_back_the_next_one(self) -> None:
+        await self.set_up()
+        clock = task.Clock()
+        self.fake.enqueue(500)
+        n = 30
+        await add_events(self.redis, self.keys, [hit(i) for i in range(n)])
+        feeder = self.start(self.settings(batch_max_bytes=4000), clock=clock, read_count=5)
+        await self.fake.wait_for_requests(1, WAIT)
+        await wait_until(lambda: feeder._sleep is not None, "the backoff")
+        await wait_until(lambda: len(feeder.builder) > 0, "the next batch")
+        self.assertEqual(await self.pending(), await self.read_by_the_group())
+        self.assertEqual(len(self.fake.requests), 1)
+        clock.advance(1.0)  # first backoff: 0.5-1 s
+        await self.fake.wait_for_events(n, WAIT)
+        await feeder.settle()
+        self.assertEqual(set(event_ids(self.fake).values()), {1})
+        self.assertEqual(await self.pending(), 0)
+
+
+class ConsumerTests(FeederTestBase):
+    async def test_ack_of_thousands_of_ids(self) -> None:
+        await self.set_up()
+        consumer = StreamConsumer(self.redis, self.keys, FEEDER_GROUP, "x")
+        await consumer.ensure_group()
+        await defer.gatherResults([
+            self.redis.execute("XADD", self.keys.events, "*", "a", str(i))
+            for i in range(2500)])
+        entries = await consumer.read_new(3000)
+        self.assertEqual(len(entries), 2500)
+        ids = [entry_id for entry_id, _ in entries]
+        # Ids not pending (already acknowledged, never read) are not counted.
+        self.assertEqual(await consumer.ack(ids[:10]), 10)
+        self.assertEqual(await consumer.ack([*ids, b"1-1"]), 2490)
+        self.assertEqual(await self.pending(), 0)
+
+    async def test_delivery_facts_of_many_keys_and_of_a_key_with_a_nul(self) -> None:
+        await self.set_up()
+        consumer = StreamConsumer(self.redis, self.keys, FEEDER_GROUP, "x")
+        plain, odd, missing = b"t:acct:m1:a@x", b"t:acct:m\x002:b@x", b"t:acct:m3:c@x"
+        await self.redis.execute("HSET", plain, "campaign_id", "c1", "other", "x")
+        await self.redis.execute("HSET", odd, "campaign_id", "c\u00e42", "ip_pool", "p2")
+        fields = ["campaign_id", "ip_pool"]
+        self.assertEqual(await consumer.delivery_facts([plain, missing, plain], fields),
+                         [["c1", False], [False, False], ["c1", False]])
+        self.assertEqual(await consumer.delivery_facts([odd, plain], fields),
+                         [["c\u00e42", "p2"], ["c1", False]])
+        self.assertEqual(await consumer.delivery_facts([], fields), [])
+
+    async def test_fields_that_are_not_utf8_reach_the_line_as_replacement(self) -> None:
+        await self.set_up()
+        fields = {**hit(0).to_fields(), b"ua": b"Mozilla/5.0 \xff\xfe bad"}
+        flat: list[bytes] = []
+        for k, v in fields.items():
+            flat += [k, v]
+        await self.redis.execute("XADD", self.keys.events, "*", *flat)
+        feeder = self.start()
+        events = await self.fake.wait_for_events(1, WAIT)
+        await feeder.settle()
+        self.assertEqual(events[0]["user_agent"], "Mozilla/5.0 \ufffd\ufffd bad")
+        self.assertEqual(self.fake.violations, [])
 
 
 class EnrichmentTests(FeederTestBase):

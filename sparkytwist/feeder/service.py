@@ -4,11 +4,13 @@
 Each tick runs one *cycle* (unless the previous one is still running): read what
 is there — first our own pending entries (a restart), then entries idle for
 ``claim_idle`` in any consumer (a dead feeder's batch), then new ones — and flush
-a batch when it is full or old enough. A flushed batch is enriched (one Redis
-round trip), encoded, and handed to the *sender*, which retries it until the sink
-takes it or refuses it for good; meanwhile the cycle prepares the next batch and
-waits. So at most two batches are in memory, and a slow or failing sink stops
-the reading (the stream, capped, absorbs the rest).
+a batch when it is full or old enough. A flushed batch is enriched (lookups sent
+at once, a thousand keys each) and its lines built, then handed to the *sender*,
+which gzips it and retries it until the sink takes it or refuses it for good;
+meanwhile the cycle reads and builds the next batch, then waits for the sender.
+So at most two batches are in memory, each is acknowledged only after its own
+answer, and a slow or failing sink stops the reading (the stream, capped, absorbs
+the rest).
 
 Nothing is acknowledged before the sink accepted it (or it went to the dead-letter
 stream, or it is too old for Ingest); entries we hold are kept fresh with XCLAIM
@@ -34,13 +36,12 @@ from sparkytwist.config import Settings
 from sparkytwist.events import (
     INGEST_MAX_AGE_SECONDS,
     INGEST_MAX_BYTES,
-    Enrichment,
     GeoLookup,
+    LineEncoder,
     UserAgentParser,
     encode_batch,
+    encode_enrichment,
     enrichment_from_hash,
-    ndjson_line,
-    sparkpost_event,
 )
 from sparkytwist.feeder.batch import BatchBuilder, Item, pack
 from sparkytwist.feeder.consumer import Entry, StreamConsumer
@@ -203,7 +204,7 @@ class Feeder:
         self.clock = clock if clock is not None else reactor  # every wait we decide
         self.builder = BatchBuilder(min(max_bytes, INGEST_MAX_BYTES), max_age)
         self.claim_idle = claim_idle
-        self._ua = ua if ua is not None else UserAgentParser()
+        self._lines = LineEncoder(ua if ua is not None else UserAgentParser())
         self._geo = geo
         self.backoff = Backoff(rng if rng is not None else random.Random())  # noqa: S311 - jitter, not secrets
         self.poll_interval = poll_interval
@@ -229,6 +230,7 @@ class Feeder:
         self._redis_down = False
         self._cycle: defer.Deferred[None] | None = None
         self._sending: defer.Deferred[None] | None = None
+        self._ahead: defer.Deferred[list[Entry]] | None = None
         self._attempt: defer.Deferred[Outcome] | None = None
         self._sleep: defer.Deferred[None] | None = None
         self._side: list[defer.Deferred[None]] = []
@@ -267,6 +269,10 @@ class Feeder:
         for d in (self._sending, self._cycle, *self._side):
             if d is not None:
                 await _quietly(d)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:  # read but not accepted: stays pending for the next start
+            ahead.addErrback(lambda _: [])
+            await ahead
         if self._held:
             _log.info("feeder: stopped with {n} events left pending for the next start",
                       n=len(self._held))
@@ -349,6 +355,8 @@ class Feeder:
     async def _fill(self) -> int:
         """One read from the best source; how many entries it brought (0: none)."""
         count = self.read_count
+        if self._ahead is not None:
+            return await self._accept(await self._read_new(count))
         if self._own_cursor is not None:
             entries = await self.consumer.read_own_pending(self._own_cursor, count)
             entries = [e for e in entries if e[0] not in self._held]
@@ -373,7 +381,16 @@ class Feeder:
                 _log.info("feeder: took over {n} entries idle for {idle:g}s or more",
                           n=len(entries), idle=self.claim_idle)
                 return await self._accept(entries)
-        return await self._accept(await self.consumer.read_new(count))
+        return await self._accept(await self._read_new(count))
+
+    async def _read_new(self, count: int) -> list[Entry]:
+        """New entries; after a full page the next read is sent at once (read-ahead),
+        so Redis prepares it while this one is turned into items."""
+        ahead, self._ahead = self._ahead, None
+        entries = await (ahead if ahead is not None else self.consumer.read_new(count))
+        if len(entries) >= count and not self._stopping:
+            self._ahead = defer.Deferred.fromCoroutine(self.consumer.read_new(count))
+        return entries
 
     async def _accept(self, entries: Sequence[Entry]) -> int:
         now = self.clock.seconds()
@@ -404,20 +421,25 @@ class Feeder:
 
     async def _flush(self) -> None:
         items, started = self.builder.take()
-        items = await self._drop_too_old(items)
-        fresh = [item for item in items if item.line is None]
-        if fresh:
-            await self._build_lines(fresh)
+        try:
+            items = await self._drop_too_old(items)
+            fresh = [item for item in items if item.line is None]
+            if fresh:
+                await self._build_lines(fresh)
+        except BaseException:
+            # Redis failed mid-way: the items go back into the batch (the next cycle
+            # retries them) instead of staying held, pending and never claimed.
+            self.builder.put_back(items, started)
+            raise
         batch_items, rest = pack(items, self.builder.max_bytes)
         self.builder.put_back(rest, started)
         if not batch_items:
             return
-        prepared = await self._encode(batch_items)
         if self._sending is not None:
             await _quietly(self._sending)
         if self._stopping:
             return  # left pending
-        self._sending = defer.Deferred.fromCoroutine(self._deliver(prepared))
+        self._sending = defer.Deferred.fromCoroutine(self._deliver(batch_items))
         self._sending.addErrback(lambda f: _log.failure("feeder: sender failed", f))
         self._sending.addBoth(self._sent)
 
@@ -437,30 +459,50 @@ class Feeder:
 
     async def _build_lines(self, items: list[Item]) -> None:
         keys = self.consumer.keys
-        key_of = {id(item): keys.delivery(item.event.message_id, item.event.rcpt)
-                  for item in items}
-        distinct = list(dict.fromkeys(key_of.values()))
-        rows = await self.consumer.delivery_facts(distinct, ENRICHMENT_FIELDS)
-        # Recipients of one campaign share their facts: parse each distinct set once.
-        parsed: dict[tuple[str | None, ...], Enrichment | None] = {}
-        enrichment: dict[bytes, Enrichment | None] = {}
-        for key, row in zip(distinct, rows, strict=True):
+        item_keys = [keys.delivery(item.event.message_id, item.event.rcpt) for item in items]
+        distinct = list(dict.fromkeys(item_keys))
+        # The delivery facts are asked for in slices, all sent at once: Redis looks up
+        # the next slice while the lines of the previous one are built. A key's first
+        # item never comes before it in ``distinct``, so slice n of the items only
+        # needs the facts of slices 0..n.
+        lookups = [defer.Deferred.fromCoroutine(self.consumer.delivery_facts(
+            distinct[start:start + BUILD_SLICE], ENRICHMENT_FIELDS))
+            for start in range(0, len(distinct), BUILD_SLICE)]
+        # Recipients of one campaign share their facts: parse and encode each set once.
+        encoded: dict[tuple[str | bool, ...], str] = {}
+        enrichment: dict[bytes, str] = {}
+        line, geo = self._lines.line, self._geo
+        try:
+            for n, start in enumerate(range(0, len(items), BUILD_SLICE)):
+                if start:  # let the reactor serve the others between slices
+                    await task.deferLater(self._reactor, 0, lambda: None)
+                if n < len(lookups):
+                    rows = await lookups[n]
+                    self._enrichments(distinct[start:start + BUILD_SLICE], rows, encoded,
+                                      enrichment)
+                end = start + BUILD_SLICE
+                for item, key in zip(items[start:end], item_keys[start:end], strict=True):
+                    event = item.event
+                    item.line = line(
+                        item.entry_id, event,
+                        geo=geo.lookup(event.ip) if geo is not None and event.ip else None,
+                        enrichment=enrichment[key])
+        finally:
+            for d in lookups:  # after a failure: no "unhandled error" for the rest
+                d.addErrback(lambda _: None)
+
+    @staticmethod
+    def _enrichments(keys: list[bytes], rows: list[list[str | bool]],
+                     encoded: dict[tuple[str | bool, ...], str],
+                     enrichment: dict[bytes, str]) -> None:
+        for key, row in zip(keys, rows, strict=True):
             facts = tuple(row)
-            if facts not in parsed:
-                parsed[facts] = enrichment_from_hash(
-                    {name: v for name, v in zip(ENRICHMENT_FIELDS, row, strict=True) if v})
-            enrichment[key] = parsed[facts]
-        ua, geo = self._ua, self._geo
-        for start in range(0, len(items), BUILD_SLICE):
-            if start:
-                await task.deferLater(self._reactor, 0, lambda: None)
-            for item in items[start:start + BUILD_SLICE]:
-                event = item.event
-                item.line = ndjson_line(sparkpost_event(
-                    item.entry_id, event,
-                    ua=ua.parse(event.user_agent),
-                    geo=geo.lookup(event.ip) if geo is not None and event.ip else None,
-                    enrichment=enrichment[key_of[id(item)]]))
+            part = encoded.get(facts)
+            if part is None:
+                part = encoded[facts] = encode_enrichment(enrichment_from_hash({
+                    name: v for name, v in zip(ENRICHMENT_FIELDS, row, strict=True)
+                    if isinstance(v, str) and v}))
+            enrichment[key] = part
 
     async def _encode(self, items: list[Item]) -> Prepared:
         lines = [item.line for item in items if item.line is not None]
@@ -474,9 +516,13 @@ class Feeder:
 
     # --- sending ----------------------------------------------------------------
 
-    async def _deliver(self, prepared: Prepared) -> None:
+    async def _deliver(self, items: list[Item]) -> None:
+        """Gzip the batch, then send it until the sink takes or refuses it; meanwhile
+        the cycle reads and builds the next one."""
         attempt = 0
+        prepared = Prepared(items, b"", 0)
         try:
+            prepared = await self._encode(items)
             while not self._stopping:
                 cutoff_ms = (self.clock.seconds() - INGEST_MAX_AGE_SECONDS + AGE_MARGIN) * 1000
                 if prepared.oldest_ms < cutoff_ms:  # it waited (retries) past Ingest's limit
