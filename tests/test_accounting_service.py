@@ -17,7 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from sparkytwist.accounting.reader import AccountingReader
 from sparkytwist.accounting.service import NO_COMMAND, AccountingService, EtlService, make_service
 from sparkytwist.accounting.stats import Stats
-from sparkytwist.accounting.writer import Backoff, DeliveryWriter
+from sparkytwist.accounting.writer import DeliveryWriter
+from sparkytwist.backoff import Backoff
 from sparkytwist.config import Settings
 from sparkytwist.embedded import free_loopback_port
 from sparkytwist.metrics import Metrics

@@ -9,8 +9,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sparkytwist.accounting.stats import Stats
-from sparkytwist.accounting.writer import FIELDS, Backoff, DeliveryWriter
+from sparkytwist.accounting.writer import FIELDS, DeliveryWriter
 from sparkytwist.acctcsv import DeliveryFacts
+from sparkytwist.backoff import Backoff
 from sparkytwist.metrics import Metrics
 from sparkytwist.redis import RedisUnavailable
 from sparkytwist.store import Keys

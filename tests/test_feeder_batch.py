@@ -3,15 +3,12 @@
 
 from __future__ import annotations
 
-import random
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from sparkytwist.events import UserAgentInfo, ndjson_line, sparkpost_event
 from sparkytwist.feeder.batch import BatchBuilder, Item, estimate_line_size, pack
-from sparkytwist.feeder.service import Backoff
 from sparkytwist.trackevent import TrackEvent
 
 EV = TrackEvent("open", "65f0a1b2c3d4e5f6a7b8", "user@example.com", 1_700_000_000_000,
@@ -84,19 +81,3 @@ class PackTests(SynchronousTestCase):
             self.assertGreater(total + len(rest[0].line or b""), limit)
 
 
-class BackoffTests(SynchronousTestCase):
-    def test_grows_with_jitter_up_to_the_cap(self) -> None:
-        b = Backoff(random.Random(3), base=1.0, cap=300.0)
-        for attempt, ceiling in [(0, 1), (1, 2), (3, 8), (8, 256), (9, 300), (40, 300)]:
-            for _ in range(20):
-                d = b.delay(attempt)
-                self.assertTrue(ceiling / 2 <= d <= ceiling, (attempt, d))
-
-    def test_retry_after_is_a_floor(self) -> None:
-        b = Backoff(random.Random(3))
-        self.assertEqual(b.delay(0, retry_after=120), 120)
-        self.assertGreaterEqual(b.delay(9, retry_after=1), 150)
-
-    def test_seeded_is_repeatable(self) -> None:
-        a, b = Backoff(random.Random(5)), Backoff(random.Random(5))
-        self.assertEqual([a.delay(i) for i in range(6)], [b.delay(i) for i in range(6)])

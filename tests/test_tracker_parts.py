@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from twisted.internet import task
-from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from sparkytwist.tracker.bots import BotClassifier, apply_policy
 from sparkytwist.tracker.clientip import ClientAddress
 from sparkytwist.tracker.location import to_uri
-from sparkytwist.tracker.ratelimit import LogThrottle, PerClientLimiter
+from sparkytwist.tracker.ratelimit import PerClientLimiter
 
 CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
           "Chrome/120.0.0.0 Safari/537.36")
@@ -127,18 +126,6 @@ class LimiterTests(SynchronousTestCase):
         for i in range(1000):
             limiter.allow(f"10.0.{i // 256}.{i % 256}")
         self.assertEqual(len(limiter), 100)
-
-
-class LogThrottleTests(SynchronousTestCase):
-    def test_one_line_per_interval_with_count(self) -> None:
-        clock = task.Clock()
-        seen: list[dict[str, object]] = []
-        throttle = LogThrottle(Logger(observer=seen.append), clock, interval=10)
-        for _ in range(5):
-            throttle.warn("dropped {count}")
-        clock.advance(11)
-        throttle.warn("dropped {count}")
-        self.assertEqual([e["count"] for e in seen], [1, 5])
 
 
 class LocationTests(SynchronousTestCase):

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 
-from sparkytwist.accounting.ratelog import RateLimitedLog
 from sparkytwist.accounting.stats import Stats
 from sparkytwist.accounting.writer import DeliveryWriter
 from sparkytwist.acctcsv import (
@@ -27,6 +26,7 @@ from sparkytwist.acctcsv import (
     delivery_facts,
     skip_reason,
 )
+from sparkytwist.ratelog import RateLimitedLog
 
 _log = Logger()
 

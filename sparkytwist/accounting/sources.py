@@ -25,9 +25,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sparkytwist.accounting.ratelog import RateLimitedLog
 from sparkytwist.accounting.reader import AccountingReader
 from sparkytwist.accounting.stats import Stats
+from sparkytwist.ratelog import RateLimitedLog
 
 _log = Logger()
 

@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 
 from sparkytwist.accounting.stats import Stats
 from sparkytwist.acctcsv import DeliveryFacts
+from sparkytwist.backoff import Backoff
 from sparkytwist.redis import Redis, RedisUnavailable, Script
 from sparkytwist.store import Keys
 
@@ -112,17 +113,6 @@ def _clean_row(f: DeliveryFacts) -> str:
     return "".join(v.replace(SEP, "") + SEP for v in values)
 
 
-class Backoff:
-    """Exponential delays between retries: first, twice that, … at most ``maximum``."""
-
-    def __init__(self, first: float = 0.25, maximum: float = 5.0) -> None:
-        self.first = first
-        self.maximum = maximum
-
-    def delay(self, attempt: int) -> float:
-        return float(min(self.maximum, self.first * 2 ** min(attempt, 30)))
-
-
 class DeliveryWriter:
     """Batches delivery facts into Redis and tells its input when to pause."""
 
@@ -151,7 +141,7 @@ class DeliveryWriter:
         self.max_in_flight = max_in_flight
         #: Pause the input above this many unwritten records, resume at half of it.
         self.high_water = high_water if high_water is not None else 20 * batch_size
-        self._backoff = backoff or Backoff()
+        self._backoff = backoff or Backoff(0.25, 5.0)
         self._script = script
         self._keys: list[bytes] = []
         self._values: list[str] = []

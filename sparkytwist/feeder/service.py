@@ -32,6 +32,7 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from sparkytwist.backoff import Backoff
 from sparkytwist.config import Settings
 from sparkytwist.events import (
     INGEST_MAX_AGE_SECONDS,
@@ -90,26 +91,6 @@ ENRICHMENT_FIELDS = ("campaign_id", "subaccount_id", "friendly_from", "sending_i
 BUILD_SLICE = 1000
 #: Bodies above this are gzipped in a thread (zlib releases the GIL).
 THREAD_ENCODE_MIN = 256 * 1024
-
-
-class Backoff:
-    """Exponential delays with "equal jitter": half fixed, half random.
-
-    The jitter keeps a fleet of feeders from retrying in lockstep after an outage;
-    the random source is passed in so tests (and the curious) can seed it.
-    """
-
-    def __init__(self, rng: random.Random, base: float = BACKOFF_BASE,
-                 cap: float = BACKOFF_CAP) -> None:
-        self._rng = rng
-        self.base = base
-        self.cap = cap
-
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        ceiling: float = min(self.cap, self.base * 2.0 ** min(attempt, 30))
-        jittered = ceiling / 2 + self._rng.uniform(0, ceiling / 2)
-        # Retry-After is a floor: never earlier than the server asked.
-        return max(jittered, retry_after) if retry_after is not None else jittered
 
 
 @dataclass
@@ -206,7 +187,8 @@ class Feeder:
         self.claim_idle = claim_idle
         self._lines = LineEncoder(ua if ua is not None else UserAgentParser())
         self._geo = geo
-        self.backoff = Backoff(rng if rng is not None else random.Random())  # noqa: S311 - jitter, not secrets
+        self.backoff = Backoff(
+            BACKOFF_BASE, BACKOFF_CAP, rng=rng if rng is not None else random.Random())  # noqa: S311 - jitter, not secrets
         self.poll_interval = poll_interval
         self.read_count = read_count
         self.auth_pause = auth_pause

@@ -12,10 +12,8 @@ bucket again, which errs on the side of counting).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
 #: Buckets kept at most; each is ~200 bytes, so the default stays near 20 MB.
 DEFAULT_MAX_CLIENTS = 100_000
@@ -59,28 +57,3 @@ class PerClientLimiter:
             return False
         bucket[0] = tokens - 1.0
         return True
-
-
-class LogThrottle:
-    """Logs a repeated problem at most once per ``interval``, with how often it happened.
-
-    Dropping events must never be silent, but one log line per dropped event
-    under a flood would be a second flood.
-    """
-
-    def __init__(self, log: Logger, clock: IReactorTime, interval: float = 10.0) -> None:
-        self._log = log
-        self._clock = clock
-        self.interval = interval
-        self._last = float("-inf")
-        self._suppressed = 0
-
-    def warn(self, fmt: str, **kwargs: Any) -> None:
-        """``fmt`` may use ``{count}``: the occurrences since the last line."""
-        self._suppressed += 1
-        now = self._clock.seconds()
-        if now - self._last < self.interval:
-            return
-        count, self._suppressed = self._suppressed, 0
-        self._last = now
-        self._log.warn(fmt, count=count, **kwargs)

@@ -25,10 +25,11 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
+from sparkytwist.backoff import Backoff
 from sparkytwist.metrics import Metrics
+from sparkytwist.ratelog import RateLimitedLog
 from sparkytwist.redis import Redis, Script
 from sparkytwist.store import Keys
-from sparkytwist.tracker.ratelimit import LogThrottle
 from sparkytwist.trackevent import TrackEvent
 
 _log = Logger()
@@ -93,8 +94,9 @@ class EventRecorder(Service):
         self._timer: IDelayedCall | None = None
         self._failures = 0
         self._idle_waiters: list[defer.Deferred[None]] = []
-        self._overflow_log = LogThrottle(_log, clock)
-        self._failure_log = LogThrottle(_log, clock)
+        self._overflow_log = RateLimitedLog(_log, clock)
+        self._failure_log = RateLimitedLog(_log, clock)
+        self._backoff = Backoff(RETRY_FIRST, RETRY_MAX)
 
         self._recorded = metrics.counter(
             "tracker_events_recorded", "Tracking events written to the Redis events stream")
@@ -158,7 +160,7 @@ class EventRecorder(Service):
         self._batch_failures.inc()
         self._pending.extendleft(reversed(self._writing))
         self._writing = []
-        delay = min(RETRY_MAX, RETRY_FIRST * 2 ** self._failures)
+        delay = self._backoff.delay(self._failures)
         self._failures += 1
         self._failure_log.warn(
             "tracker: cannot write events to Redis ({error}); {pending} buffered, "

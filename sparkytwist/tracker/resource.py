@@ -19,11 +19,12 @@ from twisted.web import resource, server
 from twisted.web.iweb import IRequest
 
 from sparkytwist.metrics import Metrics
+from sparkytwist.ratelog import RateLimitedLog
 from sparkytwist.token import TokenCodec, TokenError, Tracking, decode_legacy
 from sparkytwist.tracker.bots import BotClassifier, HoneypotMemory, apply_policy
 from sparkytwist.tracker.clientip import ClientAddress
 from sparkytwist.tracker.location import to_uri
-from sparkytwist.tracker.ratelimit import LogThrottle, PerClientLimiter
+from sparkytwist.tracker.ratelimit import PerClientLimiter
 from sparkytwist.trackevent import TrackEvent
 
 _log = Logger()
@@ -74,8 +75,8 @@ class TrackerResource(resource.Resource):
             "tracker_hit_class", "Opens and clicks by who made them (before bot_events)",
             ["class"])
         self._classes = {c: by_class.labels(c) for c in HIT_CLASSES}
-        self._rate_log = LogThrottle(_log, clock)
-        self._error_log = LogThrottle(_log, clock)
+        self._rate_log = RateLimitedLog(_log, clock)
+        self._error_log = RateLimitedLog(_log, clock)
 
     def _count(self, kind: str, outcome: str) -> None:
         child = self._hit_children.get((kind, outcome))

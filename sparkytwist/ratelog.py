@@ -1,8 +1,9 @@
-# -*- test-case-name: tests.test_accounting -*-
+# -*- test-case-name: tests.test_ratelog -*-
 """A log line at most once per interval, carrying how many events it stands for.
 
-A broken accounting stream can produce a bad line per record: logging each would
-flood the log (and the disk) at tens of thousands of lines a second.
+A broken accounting stream can produce a bad line per record, and a flood of hits
+a dropped event per request: logging each would flood the log (and the disk) at
+tens of thousands of lines a second. Dropping must never be silent either.
 """
 
 from __future__ import annotations
