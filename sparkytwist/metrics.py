@@ -3,7 +3,9 @@
 
 Not prometheus-client's global registry: each service (and each test) gets a
 fresh :class:`Metrics`, so nothing leaks between them and parts register their own
-series when they are built.
+series when they are built. Parts create the children of every label value they
+know of up front (``counter.labels(value)``): a series that first appears at its
+first increment hides that increment from ``rate()`` and from alerts.
 """
 
 from __future__ import annotations

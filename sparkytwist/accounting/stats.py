@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from sparkytwist.acctcsv import OTHER_TYPE, RECORD_TYPES, Problem, SkipReason
 from sparkytwist.metrics import Metrics
 
 
@@ -64,6 +65,13 @@ class Stats:
                 "is_paused": metrics.gauge(
                     "acct_input_paused", "1 while reading is paused"),
             }
+            # Every known label value at 0 from the start: see metrics.py.
+            for kind in (*sorted(RECORD_TYPES), OTHER_TYPE):
+                self._m["read"].labels(kind)
+            for reason in SkipReason:
+                self._m["skipped"].labels(str(reason))
+            for problem in Problem:
+                self._m["malformed"].labels(str(problem))
 
     @property
     def read(self) -> int:

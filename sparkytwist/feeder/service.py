@@ -134,6 +134,8 @@ class _Metrics:
             "feeder_dropped_events", "Entries acknowledged without being sent: too_old "
             "(beyond Ingest's 24 h), trimmed (cut by the stream cap while pending), "
             "malformed", ["reason"])
+        for reason in ("too_old", "trimmed", "malformed"):
+            self._dropped.labels(reason)  # at 0 from the start: see metrics.py
         self.claimed = metrics.counter(
             "feeder_claimed_entries", "Entries taken over from an idle consumer")
         self.raw_bytes = metrics.counter(

@@ -8,6 +8,11 @@ from prometheus_client import Counter, Gauge
 from sparkytwist.metrics import Metrics
 from sparkytwist.rewrite import RewriteResult
 
+#: Every ``outcome`` a message can have (docs/monitoring.md explains each).
+OUTCOMES = ("relayed", "refused", "too_big", "too_big_declared", "line_too_long",
+            "upstream_lost", "upstream_timeout", "partial", "copy_refused", "client_lost",
+            "client_timeout")
+
 
 class WrapperStats:
     """Counters the proxy bumps; ``outcome`` labels are a fixed small set."""
@@ -20,6 +25,8 @@ class WrapperStats:
         self.active: Gauge = metrics.gauge("wrapper_connections_active", "open client connections")
         self.messages: Counter = c(
             "wrapper_messages", "messages by outcome (relayed or why not)", ["outcome"])
+        for outcome in OUTCOMES:
+            self.messages.labels(outcome)  # at 0 from the start: see metrics.py
         self.copies: Counter = c("wrapper_copies", "copies relayed upstream and accepted")
         self.links: Counter = c("wrapper_links_rewritten", "links now going through the tracker")
         self.pixels: Counter = c("wrapper_pixels", "open pixels inserted")

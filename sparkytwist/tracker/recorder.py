@@ -104,6 +104,8 @@ class EventRecorder(Service):
             "tracker_events_dropped", "Tracking hits not recorded, by reason "
             "(overflow, rate_limit, bot_policy, shutdown)", ["reason"])
         self._dropped_overflow = self._dropped.labels("overflow")
+        for reason in ("rate_limit", "bot_policy", "shutdown"):
+            self._dropped.labels(reason)  # at 0 from the start: see metrics.py
         self._batches = metrics.counter(
             "tracker_redis_batches", "Batches of events written to Redis")
         self._batch_failures = metrics.counter(

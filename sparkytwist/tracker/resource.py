@@ -25,7 +25,7 @@ from sparkytwist.tracker.bots import BotClassifier, HoneypotMemory, apply_policy
 from sparkytwist.tracker.clientip import ClientAddress
 from sparkytwist.tracker.location import to_uri
 from sparkytwist.tracker.ratelimit import PerClientLimiter
-from sparkytwist.trackevent import TrackEvent
+from sparkytwist.trackevent import EVENT_TYPES, TrackEvent
 
 _log = Logger()
 
@@ -70,6 +70,10 @@ class TrackerResource(resource.Resource):
             "tracker_hits", "Requests to the tracker by event type and outcome",
             ["type", "outcome"])
         self._hit_children: dict[tuple[str, str], Any] = {}
+        for kind in (*EVENT_TYPES, "honeypot"):
+            self._hit_children[(kind, "served")] = self._hits.labels(kind, "served")
+        for outcome in ("404", "405"):
+            self._hit_children[("none", outcome)] = self._hits.labels("none", outcome)
         self._honeypots = HoneypotMemory(clock)
         by_class = metrics.counter(
             "tracker_hit_class", "Opens and clicks by who made them (before bot_events)",
