@@ -124,7 +124,11 @@ class RunTests(SynchronousTestCase):
 
         status, metrics = get_status(f"http://127.0.0.1:{admin_port}/metrics")
         self.assertEqual(status, 200)
-        self.assertIn(b"# TYPE", metrics + b"# TYPE")  # exposition format (parts add series)
+        # every part registered its series, known label values at 0 from the start
+        for series in (b'sparkytwist_wrapper_messages_total{outcome="copy_refused"} 0.0',
+                       b'sparkytwist_tracker_events_dropped_total{reason="rate_limit"} 0.0',
+                       b'sparkytwist_tracker_hit_class_total{class="person"} 0.0'):
+            self.assertIn(series, metrics)
 
         process.send_signal(signal.SIGTERM)
         # twistd ends by re-raising SIGTERM once it has stopped cleanly (systemd counts
