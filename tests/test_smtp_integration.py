@@ -135,6 +135,31 @@ class SmtplibTests(ProxyOnLoopback):
             (message_id,) = {m for _, m in found}
             self.assertIn(f"X-Sp-Message-Id: {message_id}".encode(), txn.data)
 
+    async def test_failed_opportunistic_tls_goes_on_in_clear(self) -> None:
+        """A handshake that fails must not stop mail when TLS is only opportunistic."""
+        cert, key = make_certificate(self.mktemp())
+        sink = SinkFactory(tls=server_tls(cert, key))
+
+        def broken_tls(proto: Any, verb: bytes, line: bytes) -> bytes | None:
+            if verb == b"STARTTLS":
+                proto.transport.loseConnection()  # "220", then no handshake at all
+                return b"220 2.0.0 Ready\r\n"
+            return None
+
+        sink.hook = broken_tls
+        self.start(sink, upstream_tls="opportunistic",
+                   upstream_tls_options=tls.client_options("localhost", verify=False))
+
+        def send() -> Any:
+            with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as client:
+                return client.sendmail("s@example.com", ["fred@example.org"], html_email())
+
+        self.assertEqual(await deferToThread(send), {})  # falls back in clear
+        self.assertEqual(await deferToThread(send), {})  # no new attempt for a while
+        self.assertEqual(len(self.sink.transactions), 2)
+        self.assertFalse(any(t.tls for t in self.sink.transactions))
+        self.assertEqual(self.sink.commands.count(b"STARTTLS"), 1)
+
     async def test_upstream_rejection_relayed_to_smtplib(self) -> None:
         sink = SinkFactory()
         sink.script[b"RCPT"] = [b"550-5.1.1 no such\r\n550 5.1.1 user here\r\n"]

@@ -45,6 +45,8 @@ MAX_PATH_COMMAND_LINE = 1024
 MAX_AUTH_LINE = 12288
 #: Recipients accepted in one transaction (RFC 5321 asks for at least 100).
 MAX_RECIPIENTS = 1000
+#: After an opportunistic STARTTLS to the upstream failed, sessions skip it this long.
+TLS_RETRY_AFTER = 300.0
 #: Unread client input above which we stop reading while a command is relayed.
 PAUSE_INPUT_AT = 256 * 1024
 
@@ -94,6 +96,8 @@ class WrapperFactory(ServerFactory):
         self.now = now
         self.random_bytes = random_bytes
         self.active = 0
+        #: until then (``now()`` seconds) opportunistic upstream TLS is not attempted
+        self.upstream_tls_broken_until = 0.0
         self._base_url = config.tracking_base_url.rstrip("/")
         self.connect_upstream = connect_upstream or (
             lambda: upstream_mod.connect(
@@ -408,7 +412,7 @@ class SMTPProxy(Protocol, TimeoutMixin):
         reply = await up.command(b"EHLO " + name)
         if not reply.positive and not esmtp:
             reply = await up.command(b"HELO " + name)
-        elif reply.positive and not up.tls and self.config.upstream_tls != "off":
+        elif reply.positive and not up.tls and self._upstream_tls_wanted():
             secured = await self._upstream_starttls(name, reply)
             if secured is None:
                 return
@@ -448,7 +452,38 @@ class SMTPProxy(Protocol, TimeoutMixin):
                 return None
             return ehlo
         up.start_tls(self.config.upstream_tls_options)
-        return await up.command(b"EHLO " + name)
+        try:
+            return await up.command(b"EHLO " + name)
+        except UpstreamError as e:
+            if required:
+                raise
+            return await self._upstream_in_clear(name, e)
+
+    def _upstream_tls_wanted(self) -> bool:
+        if self.config.upstream_tls == "off":
+            return False
+        return self.config.upstream_tls == "required" or \
+            self.f.now() >= self.f.upstream_tls_broken_until
+
+    async def _upstream_in_clear(self, name: bytes, error: UpstreamError) -> Reply:
+        """Opportunistic TLS failed (a bad handshake): go on in clear on a new connection.
+
+        Opportunistic means TLS must never stop mail. For TLS_RETRY_AFTER seconds
+        the factory's new sessions then skip the attempt, instead of failing a
+        handshake on every connection.
+        """
+        _log.warn("upstream TLS failed ({why}); upstream_tls = opportunistic: going on in "
+                  "clear, retrying TLS in {later:g}s", why=str(error), later=TLS_RETRY_AFTER)
+        self.f.stats.tls_fallbacks.inc()
+        self.f.upstream_tls_broken_until = self.f.now() + TLS_RETRY_AFTER
+        old = self.upstream
+        assert old is not None
+        old.on_lost = None
+        old.abort()
+        client = await self.f.connect_upstream()
+        self.upstream, self._upstream_dead = client, False
+        client.on_lost = self._upstream_lost
+        return await client.command(b"EHLO " + name)
 
     def _auth_allowed(self) -> bool:
         return self.config.auth_passthrough and (self.tls or self.config.allow_plain_auth)

@@ -37,6 +37,9 @@ class WrapperStats:
             "wrapper_rewrite_problems", "problems met while rewriting", ["problem"])
         self.bytes_in: Counter = c("wrapper_bytes_received", "message bytes received")
         self.bytes_out: Counter = c("wrapper_bytes_relayed", "message bytes relayed upstream")
+        self.tls_fallbacks: Counter = c(
+            "wrapper_upstream_tls_fallbacks",
+            "opportunistic STARTTLS to the upstream failed: went on in clear")
         self.discarded: Counter = c(
             "wrapper_starttls_discarded", "connections that pipelined input after STARTTLS")
 
