@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -93,7 +94,9 @@ class EmbeddedTests(SynchronousTestCase):
         self.assertEqual(command(server, "PING"), b"+PONG\r\n")
 
     def test_long_path_falls_back_to_tcp(self) -> None:
-        server = RedisServer(Path("/tmp") / ("x" * 120) / str(time.monotonic_ns()))
+        top = Path(tempfile.mkdtemp(prefix="sparky-long-"))
+        self.addCleanup(shutil.rmtree, top, ignore_errors=True)
+        server = RedisServer(top / ("x" * 120))
         self.addCleanup(server.stop)
         server.start()
         self.assertTrue(server.url.startswith("redis://127.0.0.1:"))
