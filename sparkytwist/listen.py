@@ -39,6 +39,13 @@ def parse_tcp_endpoint(description: str) -> tuple[str, int, int]:
     return interface, port, int(kwargs.get("backlog", "50"))
 
 
+def tcp_endpoint(interface: str, port: int, backlog: int | None = None) -> str:
+    """The ``tcp:`` endpoint string for an address (``parse_tcp_endpoint``'s inverse)."""
+    escaped = interface.replace(":", "\\:")
+    iface = f":interface={escaped}" if interface else ""
+    return f"tcp:{port}{iface}" + (f":backlog={backlog}" if backlog is not None else "")
+
+
 def reuse_port_socket(interface: str, port: int, backlog: int) -> socket.socket:
     """A listening, non-blocking TCP socket with SO_REUSEPORT set."""
     family = socket.AF_INET6 if ":" in interface else socket.AF_INET
@@ -64,19 +71,26 @@ class ListeningService(Service):
     """
 
     def __init__(self, name: str, description: str, factory: IProtocolFactory,
-                 reactor: Any, *, reuse_port: bool = False) -> None:
+                 reactor: Any, *, reuse_port: bool = False, required: bool = True) -> None:
         self.name = name
         self.description = description
         self.factory = factory
         self.reuse_port = reuse_port
+        #: False: a failure to listen is logged and the rest runs on (a worker's /metrics)
+        self.required = required
         self._reactor = reactor
         self.port: IListeningPort | None = None
 
     def startService(self) -> None:
-        if self.reuse_port:
-            self._listening(self._listen_reusing_port())
-        else:
-            self._listen_endpoint()
+        try:
+            if self.reuse_port:
+                self._listening(self._listen_reusing_port())
+            else:
+                self._listen_endpoint()
+        except StartupError as e:
+            if self.required:
+                raise
+            _log.warn("{error}; going on without it", error=str(e))
         super().startService()
 
     def _listen_endpoint(self) -> None:
@@ -116,10 +130,7 @@ class ListeningService(Service):
         """Our tcp endpoint with the port really bound (``tcp:0`` picks one)."""
         assert self.port is not None
         interface, _, backlog = parse_tcp_endpoint(self.description)
-        escaped = interface.replace(":", "\\:")
-        iface = f":interface={escaped}" if interface else ""
-        port = getattr(self.port.getHost(), "port", 0)
-        return f"tcp:{port}{iface}:backlog={backlog}"
+        return tcp_endpoint(interface, getattr(self.port.getHost(), "port", 0), backlog)
 
     def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()

@@ -119,8 +119,9 @@ def build_core(
     if admin and settings.admin_enabled:
         from sparkytwist.admin import admin_site
 
-        ListeningService("admin", settings.admin_endpoint,
-                         admin_site(ctx.metrics, redis), reactor).setServiceParent(top)
+        # A worker's /metrics is a convenience: a busy port must not stop the worker.
+        ListeningService("admin", settings.admin_endpoint, admin_site(ctx.metrics, redis),
+                         reactor, required=not worker).setServiceParent(top)
     return ctx
 
 

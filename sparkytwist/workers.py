@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sparkytwist.config import Settings, describe, format_default
-from sparkytwist.listen import ListeningService
+from sparkytwist.listen import ListeningService, parse_tcp_endpoint, tcp_endpoint
 from sparkytwist.service import Context, OrderedService
 
 _log = Logger()
@@ -47,12 +47,30 @@ def listen_with_workers(ctx: Context, part: str, description: str,
     top.setName(part)
     listener.setServiceParent(top)
 
-    def environment() -> dict[str, str]:
-        return worker_environment(ctx.settings, ctx.redis.url,
-                                  {f"{part}_endpoint": listener.endpoint_for_workers()})
+    def environment(slot: int) -> dict[str, str]:
+        return worker_environment(ctx.settings, ctx.redis.url, {
+            f"{part}_endpoint": listener.endpoint_for_workers(),
+            **worker_admin(ctx.settings, part, slot)})
 
     WorkerPool(ctx.reactor, part, count - 1, environment).setServiceParent(top)
     return top
+
+
+def worker_admin(settings: Settings, part: str, slot: int) -> dict[str, str]:
+    """Worker ``slot`` (1, 2, ...) of ``part`` gets its own /metrics on the admin port + n.
+
+    Prometheus scrapes each process (the main one on ``admin_endpoint``, its workers on
+    the ports after it: tracker workers first, then wrapper workers); a worker that is
+    restarted gets its slot's port again. No admin port (or port 0): workers have none.
+    """
+    try:
+        interface, port, _ = parse_tcp_endpoint(settings.admin_endpoint)
+    except ValueError:
+        port = 0
+    if not settings.admin_enabled or not port:
+        return {"admin_enabled": "false"}
+    offset = slot if part == "tracker" else max(settings.tracker_workers - 1, 0) + slot
+    return {"admin_endpoint": tcp_endpoint(interface, port + offset)}
 
 
 def worker_environment(settings: Settings, redis_url: str,
@@ -71,8 +89,9 @@ def worker_environment(settings: Settings, redis_url: str,
 
 
 class _WorkerProtocol(protocol.ProcessProtocol):
-    def __init__(self, pool: WorkerPool, started_at: float) -> None:
+    def __init__(self, pool: WorkerPool, slot: int, started_at: float) -> None:
         self.pool = pool
+        self.slot = slot
         self.started_at = started_at
         self.pid: int | None = None
         self.ended: defer.Deferred[None] = defer.Deferred()
@@ -98,7 +117,7 @@ class WorkerPool(Service):
     """``count`` worker processes of ``part``, restarted with backoff while running."""
 
     def __init__(self, reactor: Any, part: str, count: int,
-                 environment: Callable[[], dict[str, str]]) -> None:
+                 environment: Callable[[int], dict[str, str]]) -> None:
         self._reactor = reactor
         self.part = part
         self.name = f"{part}-workers"
@@ -114,15 +133,16 @@ class WorkerPool(Service):
 
     def startService(self) -> None:
         super().startService()
-        for _ in range(self.count):
-            self._spawn()
+        for slot in range(1, self.count + 1):
+            self._spawn(slot)
 
-    def _spawn(self) -> None:
+    def _spawn(self, slot: int) -> None:
         if not self.running:
             return
-        worker = _WorkerProtocol(self, self._reactor.seconds())
+        worker = _WorkerProtocol(self, slot, self._reactor.seconds())
         argv = [sys.executable, "-m", WORKER_MODULE, self.part]
-        self._reactor.spawnProcess(worker, sys.executable, argv, env=self._environment(),
+        self._reactor.spawnProcess(worker, sys.executable, argv,
+                                   env=self._environment(slot),
                                    childFDs={0: "w", 1: "r", 2: "r"})
         self.workers.append(worker)
         _log.info("{part} worker {pid} started", part=self.part, pid=worker.pid)
@@ -139,7 +159,7 @@ class WorkerPool(Service):
                   part=self.part, pid=worker.pid, reason=reason.getErrorMessage(),
                   delay=self._delay)
         self._restarts = [c for c in self._restarts if c.active()]
-        self._restarts.append(self._reactor.callLater(self._delay, self._spawn))
+        self._restarts.append(self._reactor.callLater(self._delay, self._spawn, worker.slot))
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
@@ -203,7 +223,7 @@ class ParentWatch:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """A worker: one part only, no admin port, the main process's Redis, logs to stdout."""
+    """A worker: one part only, its own admin port, the main process's Redis, logs to stdout."""
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
@@ -220,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         raise SystemExit(f"{part} worker: {e}") from None
     top = ProgramService(f"{part} worker")
-    ctx = build_core(settings, reactor, top, admin=False, worker=True)
+    ctx = build_core(settings, reactor, top, worker=True)
     service = build_part(part, ctx)
     if service is None:
         raise SystemExit(f"{part} worker: the part cannot run")

@@ -23,7 +23,7 @@ from sparkytwist.smtp import tls
 from sparkytwist.smtp.server import ProxyConfig, WrapperFactory
 from sparkytwist.smtp.stats import WrapperStats
 from sparkytwist.token import TokenCodec, new_key_spec
-from tests.support.processes import twistd
+from tests.support.processes import free_port_pair, twistd
 from tests.support.smtp_sink import SinkFactory, make_certificate, server_tls
 
 BASE = "http://track.test"
@@ -271,7 +271,7 @@ class TwistdTests(SynchronousTestCase):
         self.addCleanup(log.close)
         process = subprocess.Popen(
             twistd("sparkytrack", "--no-tracker", "--no-feeder", "--no-accounting",
-                   "--admin-endpoint", f"tcp:{free_loopback_port()}:interface=127.0.0.1",
+                   "--admin-endpoint", f"tcp:{free_port_pair()}:interface=127.0.0.1",
                    "--wrapper-endpoint", f"tcp:{wrapper_port}:interface=127.0.0.1",
                    "--upstream", f"127.0.0.1:{sink_port}", "--upstream-tls", "off",
                    "--tracking-base-url", BASE, *args),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import signal
 import subprocess
 import time
@@ -15,9 +16,9 @@ from sparkytwist.config import Settings
 from sparkytwist.embedded import free_loopback_port
 from sparkytwist.listen import parse_tcp_endpoint
 from sparkytwist.tracker.resource import PIXEL
-from sparkytwist.workers import worker_environment
-from tests.support.http import wait_for_status
-from tests.support.processes import twistd
+from sparkytwist.workers import worker_admin, worker_environment
+from tests.support.http import get_status, wait_for_status
+from tests.support.processes import free_port_pair, twistd
 from tests.test_tracker import KEY, token
 
 
@@ -42,6 +43,17 @@ def alive(pid: int) -> bool:
 
 
 class HelpersTests(SynchronousTestCase):
+    def test_each_worker_gets_its_own_admin_port(self) -> None:
+        settings = Settings(tracker_workers=3, wrapper_workers=2,
+                            admin_endpoint="tcp:9108:interface=127.0.0.1")
+        self.assertEqual([worker_admin(settings, "tracker", n) for n in (1, 2)],
+                         [{"admin_endpoint": "tcp:9109:interface=127.0.0.1"},
+                          {"admin_endpoint": "tcp:9110:interface=127.0.0.1"}])
+        self.assertEqual(worker_admin(settings, "wrapper", 1),
+                         {"admin_endpoint": "tcp:9111:interface=127.0.0.1"})
+        off = Settings(admin_enabled=False)
+        self.assertEqual(worker_admin(off, "tracker", 1), {"admin_enabled": "false"})
+
     def test_parse_tcp_endpoint(self) -> None:
         self.assertEqual(parse_tcp_endpoint("tcp:8080:interface=127.0.0.1"),
                          ("127.0.0.1", 8080, 50))
@@ -68,7 +80,7 @@ class WorkersTests(SynchronousTestCase):
     def test_two_processes_serve_one_port_and_stop_together(self) -> None:
         workdir = Path(self.mktemp()).absolute()
         workdir.mkdir(parents=True)
-        admin_port, port = free_loopback_port(), free_loopback_port()
+        admin_port, port = free_port_pair(), free_loopback_port()
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("SPARKYTWIST_", "SPARKPOST_"))}
         env["SPARKY_TRACKER_WORKER_HEADER"] = "1"
@@ -99,6 +111,14 @@ class WorkersTests(SynchronousTestCase):
         self.assertEqual(len(pids), 2, output)
         self.assertIn(str(process.pid), pids)
         worker_pid = int(next(p for p in pids if p != str(process.pid)))
+
+        # the worker has its own /metrics, on the admin port + 1, counting its own hits
+        status, metrics = get_status(f"http://127.0.0.1:{admin_port + 1}/metrics")
+        self.assertEqual(status, 200)
+        served = re.search(rb'sparkytwist_tracker_hits_total\{outcome="served",type="open"\} '
+                           rb"([0-9.]+)", metrics)
+        assert served is not None, metrics
+        self.assertGreater(float(served.group(1)), 0)
 
         # every answer is a 302 for a click, whichever process serves it
         for _ in range(20):
