@@ -23,6 +23,9 @@ def free_port_pair() -> int:
     for _ in range(100):
         port = free_loopback_port()
         with socket.socket() as probe:
+            # as Twisted listens: a TIME_WAIT on the port (common for odd ports, which
+            # Linux gives to outgoing connections) does not make it busy
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(("127.0.0.1", port + 1))
             except OSError:
