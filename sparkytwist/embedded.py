@@ -84,6 +84,7 @@ class RedisServer:
         binary: str = "",
         appendonly: bool = True,
         use_tcp: bool = False,
+        port: int = 0,
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
         self.binary = binary
@@ -92,7 +93,7 @@ class RedisServer:
         self.socket_path: Path | None = (
             None if use_tcp or len(str(socket_path)) > _MAX_SOCKET_PATH else socket_path
         )
-        self.port = 0 if self.socket_path else free_loopback_port()
+        self.port = 0 if self.socket_path else (port or free_loopback_port())
         self._process: subprocess.Popen[bytes] | None = None
         self._lock: IO[str] | None = None
 

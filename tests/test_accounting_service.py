@@ -20,10 +20,10 @@ from sparkytwist.accounting.stats import Stats
 from sparkytwist.accounting.writer import DeliveryWriter
 from sparkytwist.backoff import Backoff
 from sparkytwist.config import Settings
-from sparkytwist.embedded import free_loopback_port
 from sparkytwist.metrics import Metrics
 from sparkytwist.service import Context
 from sparkytwist.store import Keys
+from tests.support.ports import free_port
 from tests.support.processes import twistd
 from tests.support.redis import connect, fresh_redis, private_server, shared_server
 from tests.test_accounting import HEADER, SAMPLE, capture_logs, d_line
@@ -92,7 +92,7 @@ class EtlProgramTests(TestCase):
             proc = subprocess.Popen(
                 twistd("etl", "--redis-timeout", "0.3"), stdin=subprocess.PIPE, stdout=out,
                 stderr=subprocess.STDOUT, cwd=workdir,
-                env=etl_env(f"redis://127.0.0.1:{free_loopback_port()}/0"))
+                env=etl_env(f"redis://127.0.0.1:{free_port()}/0"))
             self.addCleanup(lambda: proc.poll() is None and proc.kill())
             assert proc.stdin is not None
             proc.stdin.write(SAMPLE)

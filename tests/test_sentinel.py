@@ -12,8 +12,9 @@ import time
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from sparkytwist.embedded import find_redis_server, free_loopback_port
+from sparkytwist.embedded import find_redis_server
 from sparkytwist.redis import Redis
+from tests.support.ports import free_port
 from tests.support.redis import private_server
 
 
@@ -34,7 +35,7 @@ class SentinelTests(TestCase):
     def start_sentinel(self, master_port: int) -> int:
         directory = tempfile.mkdtemp(prefix="sparky-sentinel-")
         self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
-        port = free_loopback_port()
+        port = free_port()
         conf = os.path.join(directory, "sentinel.conf")
         with open(conf, "w") as f:
             f.write(f"port {port}\nbind 127.0.0.1\ndir {directory}\n"

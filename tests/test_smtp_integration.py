@@ -17,13 +17,13 @@ from twisted.internet import defer, reactor, ssl
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from sparkytwist.embedded import free_loopback_port
 from sparkytwist.metrics import Metrics
 from sparkytwist.smtp import tls
 from sparkytwist.smtp.server import ProxyConfig, WrapperFactory
 from sparkytwist.smtp.stats import WrapperStats
 from sparkytwist.token import TokenCodec, new_key_spec
-from tests.support.processes import free_port_pair, twistd
+from tests.support.ports import free_port
+from tests.support.processes import twistd
 from tests.support.smtp_sink import SinkFactory, make_certificate, server_tls
 
 BASE = "http://track.test"
@@ -248,7 +248,7 @@ class TwistdTests(SynchronousTestCase):
         each) to a sink process: (first message received, messages received, twistd log)."""
         workdir = Path(self.mktemp()).absolute()
         workdir.mkdir(parents=True)
-        sink_port, wrapper_port = free_loopback_port(), free_loopback_port()
+        sink_port, wrapper_port = free_port(), free_port()
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("SPARKYTWIST_", "SPARKPOST_"))}
         sink_log = open(workdir / "sink.log", "wb")  # noqa: SIM115
@@ -271,7 +271,7 @@ class TwistdTests(SynchronousTestCase):
         self.addCleanup(log.close)
         process = subprocess.Popen(
             twistd("sparkytrack", "--no-tracker", "--no-feeder", "--no-accounting",
-                   "--admin-endpoint", f"tcp:{free_port_pair()}:interface=127.0.0.1",
+                   "--admin-endpoint", f"tcp:{free_port(span=2)}:interface=127.0.0.1",
                    "--wrapper-endpoint", f"tcp:{wrapper_port}:interface=127.0.0.1",
                    "--upstream", f"127.0.0.1:{sink_port}", "--upstream-tls", "off",
                    "--tracking-base-url", BASE, *args),

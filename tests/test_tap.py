@@ -13,9 +13,9 @@ from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sparkytwist.config import describe
-from sparkytwist.embedded import free_loopback_port
 from sparkytwist.service import OrderedService
 from tests.support.http import get_status, wait_for_status
+from tests.support.ports import free_port
 from tests.support.processes import twistd, venv_script
 
 
@@ -96,20 +96,20 @@ class OrderedServiceTests(TestCase):
 class RunTests(SynchronousTestCase):
     """`twistd -n sparkytrack` with the embedded Redis, the way `make run` starts it."""
 
-    no_mta = free_loopback_port()  # nothing listens there: "no upstream MTA"
+    no_mta = free_port()  # nothing listens there: "no upstream MTA"
 
     def start(self, *args: str) -> tuple[subprocess.Popen[bytes], Path, int]:
         workdir = Path(self.mktemp()).absolute()
         workdir.mkdir(parents=True)
-        admin_port = free_loopback_port()
+        admin_port = free_port()
         log = open(workdir / "twistd.log", "wb")  # noqa: SIM115
         self.addCleanup(log.close)
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("SPARKYTWIST_", "SPARKPOST_"))}
         process = subprocess.Popen(
             twistd("sparkytrack", "--admin-endpoint", f"tcp:{admin_port}:interface=127.0.0.1",
-                   "--tracker-endpoint", f"tcp:{free_loopback_port()}:interface=127.0.0.1",
-                   "--wrapper-endpoint", f"tcp:{free_loopback_port()}:interface=127.0.0.1",
+                   "--tracker-endpoint", f"tcp:{free_port()}:interface=127.0.0.1",
+                   "--wrapper-endpoint", f"tcp:{free_port()}:interface=127.0.0.1",
                    "--upstream", f"127.0.0.1:{self.no_mta}", *args),
             cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.addCleanup(lambda: process.poll() is None and process.kill())

@@ -13,12 +13,12 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from sparkytwist.config import Settings
-from sparkytwist.embedded import free_loopback_port
 from sparkytwist.listen import parse_tcp_endpoint
 from sparkytwist.tracker.resource import PIXEL
 from sparkytwist.workers import worker_admin, worker_environment
 from tests.support.http import get_status, wait_for_status
-from tests.support.processes import free_port_pair, twistd
+from tests.support.ports import free_port
+from tests.support.processes import twistd
 from tests.test_tracker import KEY, token
 
 
@@ -80,7 +80,7 @@ class WorkersTests(SynchronousTestCase):
     def test_two_processes_serve_one_port_and_stop_together(self) -> None:
         workdir = Path(self.mktemp()).absolute()
         workdir.mkdir(parents=True)
-        admin_port, port = free_port_pair(), free_loopback_port()
+        admin_port, port = free_port(span=2), free_port()
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("SPARKYTWIST_", "SPARKPOST_"))}
         env["SPARKY_TRACKER_WORKER_HEADER"] = "1"

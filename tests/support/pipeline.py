@@ -22,9 +22,9 @@ from twisted.internet import reactor, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort
 
-from sparkytwist.embedded import free_loopback_port
 from sparkytwist.token import TokenCodec, new_key_spec
 from tests.support.fake_ingest import FakeIngest, listen_fake_ingest
+from tests.support.ports import free_port
 from tests.support.processes import twistd
 from tests.support.smtp_sink import SinkFactory
 
@@ -45,7 +45,7 @@ class Pipeline:
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("SPARKYTWIST_", "SPARKPOST_"))}
         self.env["SPARKYTWIST_TOKEN_KEYS"] = self.key  # never on a command line
-        self.ports = {name: free_loopback_port() for name in ("admin", "tracker", "wrapper")}
+        self.ports = {name: free_port() for name in ("admin", "tracker", "wrapper")}
         self.base_url = f"http://127.0.0.1:{self.ports['tracker']}"
         self.sink = SinkFactory()
         self.ingest: FakeIngest

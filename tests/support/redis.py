@@ -16,6 +16,7 @@ from twisted.internet import defer, reactor
 
 from sparkytwist.embedded import RedisServer
 from sparkytwist.redis import Redis
+from tests.support.ports import free_port
 
 _SERVERS: list[RedisServer] = []
 
@@ -23,7 +24,8 @@ _SERVERS: list[RedisServer] = []
 def private_server(*, use_tcp: bool = True) -> RedisServer:
     """A new stopped server in a temp dir that is removed at exit."""
     directory = tempfile.mkdtemp(prefix="sparky-redis-")
-    server = RedisServer(directory, appendonly=False, use_tcp=use_tcp)
+    server = RedisServer(directory, appendonly=False, use_tcp=use_tcp,
+                         port=free_port() if use_tcp else 0)
 
     def cleanup() -> None:
         server.stop()
