@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sparkytwist.backoff import Backoff
 from sparkytwist.config import Settings, describe, format_default
 from sparkytwist.listen import ListeningService, parse_tcp_endpoint, tcp_endpoint
 from sparkytwist.service import Context, OrderedService
@@ -124,7 +125,8 @@ class WorkerPool(Service):
         self.count = count
         self._environment = environment
         self.workers: list[_WorkerProtocol] = []
-        self._delay = RESTART_FIRST
+        self._backoff = Backoff(RESTART_FIRST, RESTART_MAX)
+        self._failures = 0  #: restarts in a row of workers that did not live long
         self._restarts: list[Any] = []
 
     @property
@@ -153,13 +155,13 @@ class WorkerPool(Service):
         if not self.running:
             return
         lived = self._reactor.seconds() - worker.started_at
-        self._delay = RESTART_FIRST if lived > 2 * RESTART_MAX else \
-            min(RESTART_MAX, self._delay * 2)
+        self._failures = 0 if lived > 2 * RESTART_MAX else self._failures + 1
+        delay = self._backoff.delay(self._failures)
         _log.warn("{part} worker {pid} ended ({reason}); restarting in {delay:g}s",
                   part=self.part, pid=worker.pid, reason=reason.getErrorMessage(),
-                  delay=self._delay)
+                  delay=delay)
         self._restarts = [c for c in self._restarts if c.active()]
-        self._restarts.append(self._reactor.callLater(self._delay, self._spawn, worker.slot))
+        self._restarts.append(self._reactor.callLater(delay, self._spawn, worker.slot))
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()

@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from sparkytwist.accounting.reader import AccountingReader
 from sparkytwist.accounting.stats import Stats
+from sparkytwist.backoff import Backoff
 from sparkytwist.ratelog import RateLimitedLog
 
 _log = Logger()
@@ -236,7 +237,7 @@ class CommandService(Service):
             return
         if self._reactor.seconds() - self._started_at >= self.restart_max:
             self._attempt = 0
-        delay = min(self.restart_max, self.restart_first * 2 ** min(self._attempt, 30))
+        delay = Backoff(self.restart_first, self.restart_max).delay(self._attempt)
         self._attempt += 1
         self._stats.restarted()
         _log.warn("accounting: {command!r} ended ({why}); restarting in {delay:.1f}s",
