@@ -28,7 +28,8 @@ from twisted.web.server import Request, Site
 
 from sparkytwist.config import Settings
 from sparkytwist.feeder.consumer import StreamConsumer
-from sparkytwist.feeder.service import AGE_MARGIN, Feeder, FeederService, build_feeder
+from sparkytwist.feeder.pipeline import AGE_MARGIN, Feeder
+from sparkytwist.feeder.service import FeederService, build_feeder
 from sparkytwist.feeder.sinks import SIGNATURE_HEADER
 from sparkytwist.metrics import Metrics
 from sparkytwist.redis import Redis, RedisUnavailable
