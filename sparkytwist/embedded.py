@@ -10,6 +10,7 @@ orphaned by a killed parent is stopped by the next start instead of lingering.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import os
 import shutil
@@ -27,6 +28,8 @@ from sparkytwist.service import StartupError
 
 _log = Logger()
 
+#: prctl(2) option: the signal a child gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
 #: sun_path is 108 bytes on Linux; leave room for the terminating NUL.
 _MAX_SOCKET_PATH = 100
 
@@ -66,6 +69,25 @@ def running_redis_url(data_dir: str | Path) -> str:
             f"no redis_url set and no embedded redis-server socket at {socket_path}: "
             "set redis_url to the Redis sparkytrack uses")
     return f"unix://{socket_path}"
+
+
+def _detach_but_die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """In the child, before exec: a session of its own, yet it ends with its parent.
+
+    Its own session: a Ctrl-C in the terminal reaches twistd only, which stops the
+    parts (they may still flush to Redis) and then this server. And on Linux,
+    PR_SET_PDEATHSIG: if twistd is killed outright (SIGKILL, OOM), the server gets
+    SIGTERM instead of living on with nobody to stop it.
+    """
+    parent = os.getppid()
+    os.setsid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return  # not Linux: the next start's orphan check stops a left-over server
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def free_loopback_port() -> int:
@@ -137,9 +159,7 @@ class RedisServer:
                 [binary, str(conf)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, close_fds=True,
-                # Its own session: a Ctrl-C in the terminal reaches twistd only, which
-                # stops the parts (they may still flush to Redis) and then this server.
-                start_new_session=True,
+                preexec_fn=_detach_but_die_with_parent,  # noqa: PLW1509 - no threads yet
             )
         except OSError as e:
             self._release_lock()

@@ -7,13 +7,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from sparkytwist.embedded import EmbeddedRedisError, RedisServer
+from sparkytwist.embedded import EmbeddedRedisError, RedisServer, find_redis_server
 
 
 def command(server: RedisServer, *args: str) -> bytes:
@@ -76,21 +77,39 @@ class EmbeddedTests(SynchronousTestCase):
         server.stop()
         self.assertFalse(alive(pid))
 
-    def test_orphan_of_a_killed_parent_is_stopped(self) -> None:
-        """A parent killed with SIGKILL leaves redis-server running; the next start ends it."""
+    def test_server_ends_with_a_parent_killed_outright(self) -> None:
+        """twistd killed with SIGKILL: its redis-server does not live on (Linux)."""
         server = self.server()
         script = (f"from sparkytwist.embedded import RedisServer; import os, signal; "
                   f"s = RedisServer({str(server.data_dir)!r}); s.start(); "
                   f"print(s.pid, flush=True); os.kill(os.getpid(), signal.SIGKILL)")
-        import sys
-
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                              timeout=30, check=False).stdout
-        orphan = int(out.strip())
-        self.addCleanup(lambda: alive(orphan) and os.kill(orphan, signal.SIGKILL))
-        self.assertTrue(alive(orphan))
+        child = int(out.strip())
+        self.addCleanup(lambda: alive(child) and os.kill(child, signal.SIGKILL))
+        deadline = time.monotonic() + 10
+        while alive(child) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.assertFalse(alive(child))
+        server.start()  # and the data directory is usable again at once
+        self.assertEqual(command(server, "PING"), b"+PONG\r\n")
+
+    def test_left_over_server_is_stopped_at_start(self) -> None:
+        """A redis-server still running from an earlier life of this data dir is stopped."""
+        server = self.server()
+        server.data_dir.mkdir(parents=True)
+        pidfile = server.data_dir / "redis.pid"
+        stray = subprocess.Popen(
+            [find_redis_server(), "--port", "0", "--save", "", "--daemonize", "no",
+             "--unixsocket", str(server.data_dir / "stray.sock"), "--pidfile", str(pidfile)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: stray.poll() is None and stray.kill())
+        deadline = time.monotonic() + 10
+        while not pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.assertTrue(alive(stray.pid))
         server.start()
-        self.assertFalse(alive(orphan))
+        self.assertEqual(stray.wait(10), 0)  # stopped with SIGTERM: a clean shutdown
         self.assertEqual(command(server, "PING"), b"+PONG\r\n")
 
     def test_long_path_falls_back_to_tcp(self) -> None:
