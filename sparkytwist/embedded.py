@@ -3,8 +3,9 @@
 
 It runs with AOF on, in its own data directory, on a unix socket (or a free
 loopback port when the socket path would be too long), and is stopped with the
-service. A lock file keeps two instances off one data directory, and a server
-orphaned by a killed parent is stopped by the next start instead of lingering.
+service. A lock file keeps two instances off one data directory. The server ends
+with its parent even when the parent is killed outright (Linux), and one left over
+anyway (another system, a crash) is stopped by the next start instead of lingering.
 """
 
 from __future__ import annotations
