@@ -1,4 +1,5 @@
 # The two commands: `make run` and `make test`. Both create .venv on first use.
+SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -22,8 +23,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# trial's last line (PASSED (successes=N) / FAILED (...)) is also said as "N passed, M failed".
 unit: $(STAMP)
-	$(BIN)/trial -j2 tests
+	@set -o pipefail; $(BIN)/trial -j2 tests 2>&1 | tee _trial_output.log; status=$$?; \
+	tail -1 _trial_output.log | $(BIN)/python tests/support/trial_summary.py; \
+	rm -f _trial_output.log; exit $$status
 
 test: lint typecheck unit
 
