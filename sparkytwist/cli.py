@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_cli -*-
-"""The ``sparkytwist`` command: keys, token inspection for support staff, sample config."""
+"""The ``sparkytwist`` command: keys, tokens, erasure, dead letters, sample config."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-from sparkytwist.config import ConfigError, load_settings, sample_ini
+from sparkytwist.config import ConfigError, Settings, load_settings, sample_ini
+from sparkytwist.embedded import running_redis_url
+from sparkytwist.redis import Redis
+from sparkytwist.store import Keys
 from sparkytwist.token import (
     TokenCodec,
     TokenError,
@@ -65,23 +68,59 @@ def decode_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _redis_for(settings: Settings, reactor: Any) -> Redis:
+    """A connection to the Redis that sparkytrack (with these settings) uses."""
+    url = settings.redis_url or (
+        "" if settings.redis_sentinels else running_redis_url(settings.redis_data_dir))
+    redis = Redis(timeout=settings.redis_timeout * 5, clock=reactor, url=url,
+                  sentinels=settings.redis_sentinels, master=settings.redis_master,
+                  password=settings.redis_password)
+    redis.open()
+    return redis
+
+
+def dead_letters_command(args: argparse.Namespace) -> NoReturn:
+    from twisted.internet import defer, task
+
+    from sparkytwist.feeder.deadletters import dead_letters, resend
+    from sparkytwist.feeder.service import make_sink, missing_requirement
+
+    settings = load_settings(args.config, os.environ)
+    keys = Keys(settings.redis_prefix)
+    reason = missing_requirement(settings) if args.action == "resend" else None
+    if reason is not None:
+        raise ConfigError(f"sink: {reason}")
+
+    async def run(reactor: Any) -> None:
+        redis = _redis_for(settings, reactor)
+        try:
+            if args.action == "list":
+                async for letter in dead_letters(redis, keys):
+                    print(f"{letter.entry_id.decode()}  {letter.events:6d} events  "
+                          f"{letter.reason}")
+                return
+            import treq
+
+            sink = make_sink(settings, reactor, treq)
+            sent, stopped = await resend(redis, keys, sink)
+            print(f"resent {sent} batch(es)" + (f"; stopped at {stopped}" if stopped else ""))
+            if stopped:
+                raise SystemExit(1)
+        finally:
+            await redis.close()
+
+    task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+
+
 def erase_command(args: argparse.Namespace) -> NoReturn:
     from twisted.internet import defer, task
 
-    from sparkytwist.embedded import running_redis_url
     from sparkytwist.erase import erase_recipient
-    from sparkytwist.redis import Redis
-    from sparkytwist.store import Keys
 
     settings = load_settings(args.config, os.environ)
-    url = settings.redis_url or (
-        "" if settings.redis_sentinels else running_redis_url(settings.redis_data_dir))
 
-    async def run(reactor: object) -> None:
-        redis = Redis(timeout=settings.redis_timeout * 5, clock=reactor,  # type: ignore[arg-type]
-                      url=url, sentinels=settings.redis_sentinels,
-                      master=settings.redis_master, password=settings.redis_password)
-        redis.open()
+    async def run(reactor: Any) -> None:
+        redis = _redis_for(settings, reactor)
         try:
             erased = await erase_recipient(redis, Keys(settings.redis_prefix), args.rcpt)
         finally:
@@ -103,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     decode = token_commands.add_parser("decode", help="show what a token or tracking URL says")
     decode.add_argument("token", help="the token, or the whole tracking URL")
     commands.add_parser("sample-config", help="print an ini file with every setting")
+    dead = commands.add_parser(
+        "dead-letters", help="list the batches the sink refused for good, or resend them")
+    dead.add_argument("action", choices=("list", "resend"), nargs="?", default="list")
     erase = commands.add_parser(
         "erase", help="delete a recipient's delivery facts, queued events and dead letters")
     erase.add_argument("rcpt", help="the recipient's address (case does not matter)")
@@ -116,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "erase":
             return erase_command(args)
+        if args.command == "dead-letters":
+            return dead_letters_command(args)
         return decode_command(args)
     except ConfigError as e:
         print(f"sparkytwist: {e}", file=sys.stderr)
