@@ -312,16 +312,18 @@ class AccountingParser:
         i = 0
         while i < n:
             line = lines[i]
-            if '"' not in line:
+            if len(line) >= quick and _blen(line, ascii_only) >= limit:
+                problem(Problem.TOO_LONG, f"record of {limit} bytes or more")
+                i += 1
+                continue
+            quoted = '"' in line
+            if bad is not None and i in bad and (not quoted or line.count('"') % 2 == 0):
+                # (a line that opens a multi-line field is checked as the whole record)
+                problem(Problem.INVALID_UTF8, "record is not valid UTF-8")
+                i += 1
+                continue
+            if not quoted:
                 # The common case: a whole record on one line, no quoting.
-                if len(line) >= quick and _blen(line, ascii_only) >= limit:
-                    problem(Problem.TOO_LONG, f"record of {limit} bytes or more")
-                    i += 1
-                    continue
-                if bad is not None and i in bad:
-                    problem(Problem.INVALID_UTF8, "record is not valid UTF-8")
-                    i += 1
-                    continue
                 i += 1
                 if line.endswith("\r"):
                     line = line[:-1]
@@ -334,14 +336,6 @@ class AccountingParser:
                 values = line.split(",")
             elif line.count('"') % 2 == 0:
                 # Quotes, balanced: still a single-line record.
-                if len(line) >= quick and _blen(line, ascii_only) >= limit:
-                    problem(Problem.TOO_LONG, f"record of {limit} bytes or more")
-                    i += 1
-                    continue
-                if bad is not None and i in bad:
-                    problem(Problem.INVALID_UTF8, "record is not valid UTF-8")
-                    i += 1
-                    continue
                 i += 1
                 parsed = self._parse_quoted(line[:-1] if line.endswith("\r") else line)
                 if isinstance(parsed, tuple):
@@ -351,10 +345,6 @@ class AccountingParser:
             else:
                 # An odd number of quotes: the line ends inside a quoted field (or the
                 # quoting is broken). Gather lines until the quotes balance.
-                if len(line) >= quick and _blen(line, ascii_only) >= limit:
-                    problem(Problem.TOO_LONG, f"record of {limit} bytes or more")
-                    i += 1
-                    continue
                 if not _OPEN.fullmatch(line):
                     problem(Problem.BAD_QUOTING, "stray quote in a field")
                     i += 1
