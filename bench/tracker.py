@@ -59,17 +59,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listens on {port}")
-
-
 def run_wrk(url: str, duration: int, connections: int) -> tuple[float, float]:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url],
@@ -123,7 +112,12 @@ def start(cmd: list[str], cwd: str, port: int) -> subprocess.Popen[bytes]:
     env["PYTHONPATH"] = str(ROOT)
     process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    wait_port(port)
+    from tests.support.ports import wait_for_port
+
+    try:
+        wait_for_port(port, 20)
+    except TimeoutError as e:
+        raise SystemExit(str(e)) from None
     time.sleep(1.0)  # let workers come up too
     return process
 

@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from sparkytwist.embedded import find_redis_server
 from sparkytwist.redis import Redis
-from tests.support.ports import free_port
+from tests.support.ports import free_port, wait_for_port
 from tests.support.redis import private_server
-
-
-def wait_for_port(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 class SentinelTests(TestCase):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import time
 
 #: Below Linux's default ephemeral range (32768-60999).
 FIRST, LAST = 20000, 32000
@@ -40,3 +41,15 @@ def free_port(span: int = 1) -> int:
         if all(_bindable(port + i) for i in range(span)):
             return port
     raise RuntimeError("no free loopback port in this process's block")
+
+
+def wait_for_port(port: int, timeout: float) -> None:
+    """Until something accepts connections on 127.0.0.1:``port``; TimeoutError after."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on {port}")
