@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 NAMESPACE = "sparkytwist"
 
@@ -24,7 +24,6 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._counters: dict[str, Counter] = {}
         self._gauges: dict[str, Gauge] = {}
-        self._histograms: dict[str, Histogram] = {}
 
     def counter(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
         if name not in self._counters:
@@ -39,15 +38,6 @@ class Metrics:
                 name, documentation, labelnames=labels, namespace=NAMESPACE,
                 registry=self.registry)
         return self._gauges[name]
-
-    def histogram(
-        self, name: str, documentation: str, buckets: Sequence[float], labels: Sequence[str] = ()
-    ) -> Histogram:
-        if name not in self._histograms:
-            self._histograms[name] = Histogram(
-                name, documentation, labelnames=labels, namespace=NAMESPACE,
-                buckets=buckets, registry=self.registry)
-        return self._histograms[name]
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every series."""

@@ -8,7 +8,6 @@ Redis and registry.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,9 +94,6 @@ class OrderedService(MultiService):
             except Exception:
                 _log.failure("stopping {name}", name=child.name)
 
-
-#: A part factory: builds the part's service, or returns a reason it cannot run.
-PartFactory = Callable[[Context], "IService | str"]
 
 
 class StartupError(Exception):

@@ -21,7 +21,6 @@ FLAG_PROXY = "p"  #: fetched by a mail provider's image proxy (Gmail, Yahoo, App
 FLAG_PREFETCH = "f"  #: HEAD request or a link scanner fetching ahead of the person
 FLAG_BOT = "b"  #: a known crawler or security scanner user agent
 FLAG_HONEYPOT = "h"  #: the hidden honeypot link was followed: never a person
-KNOWN_FLAGS = frozenset(FLAG_PROXY + FLAG_PREFETCH + FLAG_BOT + FLAG_HONEYPOT)
 
 
 class MalformedEntry(ValueError):

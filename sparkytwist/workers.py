@@ -129,10 +129,6 @@ class WorkerPool(Service):
         self._failures = 0  #: restarts in a row of workers that did not live long
         self._restarts: list[Any] = []
 
-    @property
-    def pids(self) -> list[int]:
-        return [w.pid for w in self.workers if w.pid is not None]
-
     def startService(self) -> None:
         super().startService()
         for slot in range(1, self.count + 1):

@@ -10,7 +10,7 @@ is at worst a little smaller than it could have been.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sparkytwist.trackevent import TrackEvent
@@ -103,9 +103,6 @@ class BatchBuilder:
         self._bytes = 0
         self.started_at = None
         return items, started
-
-    def entry_ids(self) -> Iterable[bytes]:
-        return (item.entry_id for item in self._items)
 
 
 def pack(items: Sequence[Item], max_bytes: int) -> tuple[list[Item], list[Item]]:

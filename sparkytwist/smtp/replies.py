@@ -33,10 +33,6 @@ class Reply:
         return 200 <= self.code < 400
 
     @property
-    def transient(self) -> bool:
-        return 400 <= self.code < 500
-
-    @property
     def text(self) -> bytes:
         """All text lines joined by spaces (for logs and exception messages)."""
         return b" ".join(self.lines)

@@ -47,7 +47,6 @@ _MAIL_CLIENT = re.compile(r"Microsoft Outlook|Outlook-iOS|Outlook-Android|Thunde
 #: User agents remembered per classifier.
 DEFAULT_CACHE_SIZE = 10_000
 
-POLICIES = ("keep", "flag", "drop")
 _BOT_LETTERS = FLAG_PREFETCH + FLAG_BOT + FLAG_HONEYPOT
 
 
