@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_ratelog -*-
+# -*- test-case-name: tests.test_backoff -*-
 """A log line at most once per interval, carrying how many events it stands for.
 
 A broken accounting stream can produce a bad line per record, and a flood of hits

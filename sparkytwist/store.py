@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_store -*-
+# -*- test-case-name: tests.test_accounting_writer,tests.test_erase -*-
 """Redis key names: every part derives its keys here, under one configurable prefix."""
 
 from __future__ import annotations

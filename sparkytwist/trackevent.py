@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_trackevent -*-
+# -*- test-case-name: tests.test_tracker_recorder,tests.test_feeder -*-
 """The tracker-to-feeder contract: one engagement hit as a Redis Stream entry.
 
 The tracker writes these and the feeder reads them; nothing else is kept (no
@@ -67,24 +67,20 @@ class TrackEvent:
 
     @classmethod
     def from_fields(cls, fields: Mapping[bytes, bytes] | Mapping[str, str]) -> TrackEvent:
-        """Parse an entry read back from the stream (bytes or already-decoded str)."""
-        f = {
-            (k.decode() if isinstance(k, bytes) else k): (
-                v.decode("utf-8", "replace") if isinstance(v, bytes) else v
-            )
-            for k, v in fields.items()
-        }
+        """Parse an entry read back from the stream (bytes, or already-decoded str).
+
+        The feeder calls this for every event: str fields are used as they are,
+        without a normalising copy (that copy was a fifth of its CPU per event).
+        """
+        f: Mapping[str, str]
+        if isinstance(next(iter(fields), ""), bytes):
+            f = {k.decode(): v.decode("utf-8", "replace")  # type: ignore[union-attr]
+                 for k, v in fields.items()}
+        else:
+            f = fields  # type: ignore[assignment]
         try:
-            event = cls(
-                type=f["type"],
-                message_id=f["msg"],
-                rcpt=f["rcpt"],
-                timestamp_ms=int(f["ts"]),
-                ip=f.get("ip", ""),
-                user_agent=f.get("ua", ""),
-                url=f.get("url", ""),
-                flags=f.get("flags", ""),
-            )
+            event = cls(f["type"], f["msg"], f["rcpt"], int(f["ts"]), f.get("ip", ""),
+                        f.get("ua", ""), f.get("url", ""), f.get("flags", ""))
         except (KeyError, ValueError) as e:
             raise MalformedEntry(f"stream entry lacks a valid field: {e}") from None
         if event.type not in EVENT_TYPES:
